@@ -1,0 +1,526 @@
+//! Settling one billing hour, as pure functions: what the hour's usage lines should be
+//! (`desired_usage`), what must be posted so the ledger says that (`reconcile`), and how posted
+//! amounts move the balances (`AccountBook::charge`).
+
+use super::model::{Account, LedgerLine, MeteredResource, Plan, TransactionType, UsageSegment};
+use super::money::{amount_due, fmt_amount, fmt_cents, fmt_plain, usage_list_amount, Overflow};
+use super::zone::BillingZone;
+use rust_decimal::Decimal;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+
+pub const INSTANCE_ITEM: &str = "instance";
+
+/// What a first settlement of the current data would charge for one (resource, item, hour, quantity).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredUsage {
+    pub resource_id: String,
+    pub item: String,
+    pub hour_start: i64,
+    pub quantity: Decimal,
+    pub unit_price: Decimal,
+    pub seconds: i64,
+    pub period_start: i64,
+    pub period_end: i64,
+    pub list_amount: Decimal,
+    /// The pieces of use inside the hour, each with where it came from.
+    pub intervals: Vec<(i64, i64, &'static str)>,
+}
+
+impl DesiredUsage {
+    pub fn line_key(&self) -> String {
+        usage_key(&self.resource_id, &self.item, self.hour_start, self.quantity)
+    }
+}
+
+/// The natural key of a metered line; unambiguous whatever the ids contain.
+pub fn usage_key(resource_id: &str, item: &str, hour_start: i64, quantity: Decimal) -> String {
+    json!(["usage", resource_id, item, hour_start, fmt_plain(quantity)]).to_string()
+}
+
+/// A transaction id is fixed by the line's key and revision, so a rerun or a resumed run posts the
+/// same id for the same line.
+pub fn transaction_id(line_key: &str, revision: i64) -> String {
+    let digest = Sha256::digest(format!("{line_key}#{revision}").as_bytes());
+    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("tx_{hex}")
+}
+
+/// Windows in which a resource must not be billed (frozen or released), half-open, end None = forever.
+pub type Unbillable = HashMap<String, Vec<(i64, Option<i64>)>>;
+
+fn subtract_windows(start: i64, end: i64, windows: Option<&Vec<(i64, Option<i64>)>>) -> Vec<(i64, i64)> {
+    let mut pieces = vec![(start, end)];
+    for &(ws, we) in windows.into_iter().flatten() {
+        let we = we.unwrap_or(i64::MAX);
+        pieces = pieces
+            .into_iter()
+            .flat_map(|(a, b)| {
+                let mut out = Vec::new();
+                if a < ws.min(b) {
+                    out.push((a, ws.min(b)));
+                }
+                if we.max(a) < b {
+                    out.push((we.max(a), b));
+                }
+                out
+            })
+            .collect();
+    }
+    pieces
+}
+
+/// The usage of hour [hour_start, next hour) from resource lifetimes (`instance` priced plans) and
+/// usage segments, one entry per (resource, item, quantity).
+pub fn desired_usage(
+    zone: &BillingZone,
+    hour_start: i64,
+    plans: &HashMap<String, Plan>,
+    resources: &HashMap<String, MeteredResource>,
+    segments: &[UsageSegment],
+    unbillable: &Unbillable,
+) -> Result<Vec<DesiredUsage>, Overflow> {
+    let hour_end = zone.next_hour(hour_start);
+    // (resource, item, quantity) -> (price, pieces)
+    let mut acc: BTreeMap<(String, String, Decimal), (Decimal, Vec<(i64, i64, &'static str)>)> = BTreeMap::new();
+    let mut add = |r: &MeteredResource, item: &str, qty: Decimal, price: Decimal, from: i64, to: i64, source: &'static str| {
+        let (a, b) = (from.max(hour_start), to.min(hour_end));
+        if a >= b {
+            return;
+        }
+        for (x, y) in subtract_windows(a, b, unbillable.get(&r.id)) {
+            acc.entry((r.id.clone(), item.to_string(), qty.normalize()))
+                .or_insert_with(|| (price, Vec::new()))
+                .1
+                .push((x, y, source));
+        }
+    };
+    for r in resources.values() {
+        let Some(plan) = plans.get(&r.plan_id) else { continue };
+        if let Some(price) = plan.hourly.get(INSTANCE_ITEM) {
+            add(r, INSTANCE_ITEM, Decimal::from(r.quantity), *price, r.created_at, r.deleted_at.unwrap_or(i64::MAX), "lifetime");
+        }
+    }
+    for s in segments {
+        let Some(r) = resources.get(&s.resource_id) else { continue };
+        let Some(price) = plans.get(&r.plan_id).and_then(|p| p.hourly.get(&s.item)) else { continue };
+        // use only counts while the resource exists
+        add(r, &s.item, s.quantity, *price, s.from.max(r.created_at), s.to.min(r.deleted_at.unwrap_or(i64::MAX)), "segment");
+    }
+    let mut out = Vec::with_capacity(acc.len());
+    for ((resource_id, item, quantity), (unit_price, mut intervals)) in acc {
+        intervals.sort();
+        let seconds: i64 = intervals.iter().map(|(a, b, _)| b - a).sum();
+        let list_amount = usage_list_amount(unit_price, quantity, seconds)?;
+        out.push(DesiredUsage {
+            period_start: intervals.iter().map(|p| p.0).min().unwrap_or(hour_start),
+            period_end: intervals.iter().map(|p| p.1).max().unwrap_or(hour_start),
+            resource_id,
+            item,
+            hour_start,
+            quantity,
+            unit_price,
+            seconds,
+            list_amount,
+            intervals,
+        });
+    }
+    Ok(out)
+}
+
+/// What is already posted for one line key (usage line plus any adjustments).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PostedUsage {
+    pub resource_id: String,
+    pub item: String,
+    pub hour_start: i64,
+    pub quantity: Decimal,
+    pub unit_price: Decimal,
+    pub period_start: i64,
+    pub period_end: i64,
+    pub seconds: i64,
+    pub list_amount: Decimal,
+    pub amount_due: Decimal,
+    pub lines: i64,
+}
+
+impl PostedUsage {
+    pub fn add(&mut self, line: &PostedUsage) {
+        self.seconds += line.seconds;
+        self.list_amount += line.list_amount;
+        self.amount_due += line.amount_due;
+        self.lines += line.lines;
+        self.period_start = line.period_start;
+        self.period_end = line.period_end;
+    }
+}
+
+/// A line to post before balances are applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UsageDraft {
+    pub transaction_type: TransactionType,
+    pub line_key: String,
+    pub revision: i64,
+    pub resource_id: String,
+    pub item: String,
+    pub hour_start: i64,
+    pub quantity: Decimal,
+    pub unit_price: Decimal,
+    pub period_start: i64,
+    pub period_end: i64,
+    pub seconds: i64,
+    pub list_amount: Decimal,
+    pub amount_due: Decimal,
+    pub explain: serde_json::Value,
+}
+
+fn formula(d: &DesiredUsage) -> String {
+    format!(
+        "{}/h x {} x {} s / 3600 = {}",
+        fmt_plain(d.unit_price),
+        fmt_plain(d.quantity),
+        d.seconds,
+        fmt_plain(d.list_amount)
+    )
+}
+
+fn usage_explain(d: &DesiredUsage) -> serde_json::Value {
+    json!({
+        "formula": formula(d),
+        "hourly_price": fmt_plain(d.unit_price),
+        "quantity": fmt_plain(d.quantity),
+        "seconds": d.seconds,
+        "intervals": d.intervals.iter().map(|(a, b, s)| json!({"from": a, "to": b, "seconds": b - a, "source": s})).collect::<Vec<_>>(),
+        "list_amount": fmt_amount(d.list_amount),
+        "rounding": "list amount rounded half-up to 8 decimal places; amount due truncated toward zero to cents",
+        "amount_due": fmt_cents(amount_due(d.list_amount)),
+        "truncated_amount": fmt_amount(d.list_amount - amount_due(d.list_amount)),
+    })
+}
+
+/// Lines that bring what is posted for an hour to what the current data says: a `usage` line for a
+/// key never posted, an `adjustment` for the difference where it changed, nothing where it did not.
+pub fn reconcile(desired: &[DesiredUsage], posted: &HashMap<String, PostedUsage>) -> Vec<UsageDraft> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for d in desired {
+        let key = d.line_key();
+        seen.insert(key.clone());
+        match posted.get(&key) {
+            None => out.push(UsageDraft {
+                transaction_type: TransactionType::Usage,
+                revision: 0,
+                resource_id: d.resource_id.clone(),
+                item: d.item.clone(),
+                hour_start: d.hour_start,
+                quantity: d.quantity,
+                unit_price: d.unit_price,
+                period_start: d.period_start,
+                period_end: d.period_end,
+                seconds: d.seconds,
+                list_amount: d.list_amount,
+                amount_due: amount_due(d.list_amount),
+                explain: usage_explain(d),
+                line_key: key,
+            }),
+            Some(p) if p.list_amount != d.list_amount || p.seconds != d.seconds => {
+                let due = amount_due(d.list_amount) - p.amount_due;
+                out.push(UsageDraft {
+                    transaction_type: TransactionType::Adjustment,
+                    revision: p.lines,
+                    resource_id: d.resource_id.clone(),
+                    item: d.item.clone(),
+                    hour_start: d.hour_start,
+                    quantity: d.quantity,
+                    unit_price: d.unit_price,
+                    period_start: d.period_start,
+                    period_end: d.period_end,
+                    seconds: d.seconds - p.seconds,
+                    list_amount: d.list_amount - p.list_amount,
+                    amount_due: due,
+                    explain: json!({
+                        "formula": format!("corrected {} - posted {} = {}", fmt_plain(d.list_amount), fmt_plain(p.list_amount), fmt_plain(d.list_amount - p.list_amount)),
+                        "due_formula": format!("truncated corrected total {} - posted due {} = {}", fmt_cents(amount_due(d.list_amount)), fmt_cents(p.amount_due), fmt_cents(due)),
+                        "posted": {"lines": p.lines, "seconds": p.seconds, "list_amount": fmt_amount(p.list_amount), "amount_due": fmt_cents(p.amount_due)},
+                        "corrected": usage_explain(d),
+                    }),
+                    line_key: key,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    // keys posted earlier that the corrected data no longer has: take them back in full
+    let mut gone: Vec<(&String, &PostedUsage)> = posted.iter().filter(|(k, p)| !seen.contains(*k) && (p.list_amount != Decimal::ZERO || p.seconds != 0 || p.amount_due != Decimal::ZERO)).collect();
+    gone.sort_by(|a, b| a.0.cmp(b.0));
+    for (key, p) in gone {
+        out.push(UsageDraft {
+            transaction_type: TransactionType::Adjustment,
+            line_key: key.clone(),
+            revision: p.lines,
+            resource_id: p.resource_id.clone(),
+            item: p.item.clone(),
+            hour_start: p.hour_start,
+            quantity: p.quantity,
+            unit_price: p.unit_price,
+            period_start: p.period_start,
+            period_end: p.period_end,
+            seconds: -p.seconds,
+            list_amount: -p.list_amount,
+            amount_due: -p.amount_due,
+            explain: json!({
+                "formula": format!("usage no longer in the data: 0 - posted {} = {}", fmt_plain(p.list_amount), fmt_plain(-p.list_amount)),
+                "posted": {"lines": p.lines, "seconds": p.seconds, "list_amount": fmt_amount(p.list_amount), "amount_due": fmt_cents(p.amount_due)},
+            }),
+        });
+    }
+    out
+}
+
+/// An account's balance while lines are charged to it in order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AccountBook {
+    pub account: Account,
+    pub changed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ArrearsEvent {
+    Began { account_id: String, at: i64 },
+    Cleared { account_id: String, at: i64 },
+}
+
+/// How one posting splits between the balance and arrears.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Charge {
+    pub paid: Decimal,
+    pub arrears: Decimal,
+    pub balance_after: Decimal,
+}
+
+impl AccountBook {
+    pub fn new(account: Account) -> Self {
+        AccountBook { account, changed: false }
+    }
+
+    /// Moves the balance by `due` at instant `at`; money back (negative due) is paid in full.
+    pub fn charge(&mut self, due: Decimal, at: i64, events: &mut Vec<ArrearsEvent>) -> Charge {
+        let balance = self.account.balance;
+        let paid = if due <= Decimal::ZERO { due } else { due.min(balance.max(Decimal::ZERO)) };
+        let mut arrears = due - paid;
+        arrears.rescale(2);
+        let mut balance_after = balance - due;
+        balance_after.rescale(2);
+        self.apply(balance_after, at, events);
+        let mut paid = paid;
+        paid.rescale(2);
+        Charge { paid, arrears, balance_after }
+    }
+
+    /// Sets the balance after a posting at `at` and records arrears beginning or ending.
+    pub fn apply(&mut self, balance_after: Decimal, at: i64, events: &mut Vec<ArrearsEvent>) {
+        self.account.balance = balance_after;
+        self.changed = true;
+        let id = self.account.id.clone();
+        match self.account.in_arrears_since {
+            None if balance_after < Decimal::ZERO => {
+                self.account.in_arrears_since = Some(at);
+                events.push(ArrearsEvent::Began { account_id: id, at });
+            }
+            Some(_) if balance_after >= Decimal::ZERO => {
+                self.account.in_arrears_since = None;
+                events.push(ArrearsEvent::Cleared { account_id: id, at });
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Who a metered resource bills: for the ledger line's descriptive columns.
+pub struct LineContext<'a> {
+    pub resource: &'a MeteredResource,
+    pub plan: &'a Plan,
+}
+
+/// Charges drafts to their accounts in a fixed order (hour, account, resource, item, quantity) and
+/// turns them into ledger lines with `transaction_time` = `at`.
+pub fn post_drafts(
+    mut drafts: Vec<UsageDraft>,
+    context: impl Fn(&str) -> Option<(MeteredResource, Plan)>,
+    books: &mut HashMap<String, AccountBook>,
+    at: i64,
+    run_job: &str,
+    events: &mut Vec<ArrearsEvent>,
+) -> Result<Vec<LedgerLine>, String> {
+    let mut keyed: Vec<(String, UsageDraft)> = Vec::with_capacity(drafts.len());
+    for d in drafts.drain(..) {
+        let account = context(&d.resource_id).map(|(r, _)| r.account_id).ok_or_else(|| format!("resource {} is not loaded", d.resource_id))?;
+        keyed.push((account, d));
+    }
+    keyed.sort_by(|(a1, d1), (a2, d2)| {
+        (d1.hour_start, a1, &d1.resource_id, &d1.item, d1.quantity, &d1.line_key).cmp(&(d2.hour_start, a2, &d2.resource_id, &d2.item, d2.quantity, &d2.line_key))
+    });
+    let mut lines = Vec::with_capacity(keyed.len());
+    for (account_id, d) in keyed {
+        let (resource, plan) = context(&d.resource_id).expect("checked above");
+        let book = books.get_mut(&account_id).ok_or_else(|| format!("account {account_id} is not loaded"))?;
+        let charge = book.charge(d.amount_due, at, events);
+        lines.push(LedgerLine {
+            transaction_id: transaction_id(&d.line_key, d.revision),
+            transaction_time: at,
+            account_id,
+            resource_id: resource.id.clone(),
+            product: plan.product.clone(),
+            plan_id: plan.id.clone(),
+            billing_mode: super::model::BillingMode::PayPerUse,
+            transaction_type: d.transaction_type,
+            billing_item: Some(d.item.clone()),
+            period_start: d.period_start,
+            period_end: d.period_end,
+            usage_seconds: Some(d.seconds),
+            quantity: d.quantity,
+            unit_price: d.unit_price,
+            list_amount: d.list_amount,
+            truncated_amount: d.list_amount - d.amount_due,
+            amount_due: d.amount_due,
+            paid_amount: charge.paid,
+            arrears_amount: charge.arrears,
+            balance_after: charge.balance_after,
+            currency: book.account.currency.clone(),
+            hour_start: Some(d.hour_start),
+            line_key: d.line_key,
+            revision: d.revision,
+            run_job: run_job.to_string(),
+            run_at: at,
+            explain: d.explain.to_string(),
+        });
+    }
+    Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::zone::parse_instant;
+    use proptest::prelude::*;
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+    fn at(s: &str) -> i64 {
+        parse_instant(s).unwrap()
+    }
+    fn phone_plan() -> HashMap<String, Plan> {
+        let mut hourly = BTreeMap::new();
+        hourly.insert("instance".to_string(), d("0.36"));
+        HashMap::from([("p".to_string(), Plan { id: "p".into(), product: "KooPhone".into(), hourly, per_unit: BTreeMap::new(), monthly: None, yearly: None })])
+    }
+    fn res(created: i64, deleted: Option<i64>) -> HashMap<String, MeteredResource> {
+        HashMap::from([(
+            "r".to_string(),
+            MeteredResource { id: "r".into(), account_id: "a".into(), plan_id: "p".into(), quantity: 1, created_at: created, deleted_at: deleted },
+        )])
+    }
+
+    #[test]
+    fn lifetime_split_over_two_hours() {
+        let z = BillingZone::parse("UTC").unwrap();
+        let r = res(at("2023-04-18T09:59:30Z"), Some(at("2023-04-18T10:45:46Z")));
+        let h9 = desired_usage(&z, at("2023-04-18T09:00:00Z"), &phone_plan(), &r, &[], &Unbillable::new()).unwrap();
+        assert_eq!(h9.len(), 1);
+        assert_eq!((h9[0].seconds, h9[0].list_amount), (30, d("0.003")));
+        let h10 = desired_usage(&z, at("2023-04-18T10:00:00Z"), &phone_plan(), &r, &[], &Unbillable::new()).unwrap();
+        assert_eq!((h10[0].seconds, h10[0].period_start, h10[0].period_end), (2746, at("2023-04-18T10:00:00Z"), at("2023-04-18T10:45:46Z")));
+    }
+
+    #[test]
+    fn frozen_window_is_not_billed() {
+        let z = BillingZone::parse("UTC").unwrap();
+        let r = res(at("2023-04-18T00:00:00Z"), None);
+        let unbillable = Unbillable::from([("r".to_string(), vec![(at("2023-04-18T10:15:00Z"), Some(at("2023-04-18T10:45:00Z")))])]);
+        let h = desired_usage(&z, at("2023-04-18T10:00:00Z"), &phone_plan(), &r, &[], &unbillable).unwrap();
+        assert_eq!(h[0].seconds, 1800);
+    }
+
+    #[test]
+    fn reconcile_posts_only_the_difference() {
+        let z = BillingZone::parse("UTC").unwrap();
+        let hour = at("2023-04-18T10:00:00Z");
+        let first = desired_usage(&z, hour, &phone_plan(), &res(at("2023-04-18T10:00:00Z"), Some(at("2023-04-18T10:39:45Z"))), &[], &Unbillable::new()).unwrap();
+        let drafts = reconcile(&first, &HashMap::new());
+        assert_eq!(drafts.len(), 1);
+        let posted = HashMap::from([(
+            drafts[0].line_key.clone(),
+            PostedUsage {
+                resource_id: "r".into(),
+                item: "instance".into(),
+                hour_start: hour,
+                quantity: d("1"),
+                unit_price: d("0.36"),
+                period_start: hour,
+                period_end: hour,
+                seconds: drafts[0].seconds,
+                list_amount: drafts[0].list_amount,
+                amount_due: drafts[0].amount_due,
+                lines: 1,
+            },
+        )]);
+        assert!(reconcile(&first, &posted).is_empty(), "unchanged data posts nothing");
+        let corrected = desired_usage(&z, hour, &phone_plan(), &res(hour, Some(at("2023-04-18T10:59:59Z"))), &[], &Unbillable::new()).unwrap();
+        let adj = reconcile(&corrected, &posted);
+        assert_eq!(adj.len(), 1);
+        assert_eq!(adj[0].transaction_type, TransactionType::Adjustment);
+        // 2385 s -> 0.2385 (due 0.23); 3599 s -> 0.3599 (due 0.35): the adjustment is 0.1214, due 0.12
+        assert_eq!((adj[0].list_amount, adj[0].amount_due, adj[0].revision), (d("0.1214"), d("0.12"), 1));
+        assert_ne!(transaction_id(&adj[0].line_key, 1), transaction_id(&adj[0].line_key, 0));
+    }
+
+    #[test]
+    fn charging_splits_paid_and_arrears() {
+        let mut book = AccountBook::new(Account { id: "a".into(), currency: "USD".into(), balance: d("0.50"), in_arrears_since: None, grace_days: 15, retention_days: 15 });
+        let mut ev = Vec::new();
+        let c = book.charge(d("0.95"), 100, &mut ev);
+        assert_eq!((c.paid, c.arrears, c.balance_after), (d("0.50"), d("0.45"), d("-0.45")));
+        assert_eq!(ev, vec![ArrearsEvent::Began { account_id: "a".into(), at: 100 }]);
+        let c = book.charge(d("-0.50"), 200, &mut ev);
+        assert_eq!((c.paid, c.arrears, c.balance_after), (d("-0.50"), d("0.00"), d("0.05")));
+        assert_eq!(ev[1], ArrearsEvent::Cleared { account_id: "a".into(), at: 200 });
+    }
+
+    proptest! {
+        /// Billing an interval hour by hour charges the whole interval's fee, less at most the
+        /// truncation each hour keeps on the bill.
+        #[test]
+        fn hourly_lines_sum_to_the_whole_fee(start in 1_600_000_000i64..1_700_000_000, len in 1i64..200_000, price_cents in 1i64..100_000, qty in 1i64..50) {
+            let z = BillingZone::parse("+05:30").unwrap();
+            let price = Decimal::new(price_cents, 4);
+            let mut plans = phone_plan();
+            plans.get_mut("p").unwrap().hourly.insert("instance".into(), price);
+            let mut r = res(start, Some(start + len));
+            r.get_mut("r").unwrap().quantity = qty;
+            let mut list = Decimal::ZERO;
+            let mut due = Decimal::ZERO;
+            let mut truncated = Decimal::ZERO;
+            let mut seconds = 0;
+            let mut h = z.hour_start(start);
+            while h < start + len {
+                for u in desired_usage(&z, h, &plans, &r, &[], &Unbillable::new()).unwrap() {
+                    seconds += u.seconds;
+                    list += u.list_amount;
+                    due += amount_due(u.list_amount);
+                    truncated += u.list_amount - amount_due(u.list_amount);
+                }
+                h = z.next_hour(h);
+            }
+            prop_assert_eq!(seconds, len);
+            let whole = price * Decimal::from(qty) * Decimal::from(len) / Decimal::from(3600);
+            // each hour's rounding to 8 places moves it by at most half a unit
+            let hours = Decimal::from(len / 3600 + 2);
+            prop_assert!((list - whole).abs() <= hours * d("0.000000005"));
+            prop_assert_eq!(due + truncated, list);
+            prop_assert!(truncated >= Decimal::ZERO && truncated < hours * d("0.01"));
+        }
+    }
+}
