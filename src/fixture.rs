@@ -1,0 +1,464 @@
+//! Fixture documents (SPEC section 6): parsed strictly, validated against what is already loaded,
+//! turned into a `Batch` that the store writes all at once. Every rejection names the record, the
+//! field and the reason.
+
+use crate::billing::model::{BillingMode, Plan};
+use crate::billing::money::CENT_DP;
+use crate::billing::zone::parse_instant;
+use crate::error::InputError;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::str::FromStr;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Document {
+    #[serde(default)]
+    pub accounts: Vec<AccountDoc>,
+    #[serde(default)]
+    pub plans: Vec<PlanDoc>,
+    #[serde(default)]
+    pub resources: Vec<ResourceDoc>,
+    #[serde(default)]
+    pub usage: Vec<UsageDoc>,
+    #[serde(default)]
+    pub topups: Vec<TopupDoc>,
+    #[serde(default)]
+    pub packages: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountDoc {
+    pub id: String,
+    pub balance: Option<String>,
+    pub currency: Option<String>,
+    pub grace_days: Option<i64>,
+    pub retention_days: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanDoc {
+    pub id: String,
+    pub product: String,
+    #[serde(default)]
+    pub hourly: BTreeMap<String, String>,
+    #[serde(default)]
+    pub per_unit: BTreeMap<String, String>,
+    pub monthly: Option<String>,
+    pub yearly: Option<String>,
+    pub packages: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceDoc {
+    pub id: String,
+    pub account: String,
+    pub plan: String,
+    pub mode: String,
+    pub quantity: Option<i64>,
+    pub created_at: Option<String>,
+    pub deleted_at: Option<String>,
+    pub periods: Option<i64>,
+    pub purchased_at: Option<String>,
+    pub auto_renew: Option<bool>,
+    pub auto_renew_times: Option<i64>,
+    pub renew_days_before: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageDoc {
+    pub resource: String,
+    pub item: String,
+    pub quantity: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub at: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopupDoc {
+    pub account: String,
+    pub amount: String,
+    pub at: String,
+}
+
+/// Parses one document; a structural error names its path (`resources[1].quantity`).
+pub fn parse_document(name: &str, text: &str) -> Result<Document, InputError> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    let doc: Document = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            InputError(format!("{name}: {inner}"))
+        } else {
+            InputError(format!("{name}: {path}: {inner}"))
+        }
+    })?;
+    Ok(doc)
+}
+
+// ---------- validated batch ----------
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewAccount {
+    pub id: String,
+    pub currency: String,
+    pub balance: Decimal,
+    pub grace_days: i64,
+    pub retention_days: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewResource {
+    pub id: String,
+    pub account_id: String,
+    pub plan_id: String,
+    pub mode: BillingMode,
+    pub quantity: i64,
+    pub created_at: i64,
+    pub deleted_at: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewSegment {
+    pub resource_id: String,
+    pub item: String,
+    pub quantity: Decimal,
+    pub from: i64,
+    pub to: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewTopup {
+    pub account_id: String,
+    pub amount: Decimal,
+    pub at: i64,
+}
+
+/// What one `load` writes, in document order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Batch {
+    pub accounts: Vec<NewAccount>,
+    pub plans: Vec<Plan>,
+    pub resources: Vec<NewResource>,
+    pub segments: Vec<NewSegment>,
+    pub topups: Vec<NewTopup>,
+}
+
+/// A resource already in the database, as validation needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KnownResource {
+    pub account_id: String,
+    pub plan_id: String,
+    pub mode: BillingMode,
+    pub created_at: i64,
+    pub deleted_at: Option<i64>,
+}
+
+/// What is already loaded that a document may refer to or collide with.
+#[derive(Clone, Debug, Default)]
+pub struct Known {
+    pub accounts: HashSet<String>,
+    pub plans: HashMap<String, Plan>,
+    pub resources: HashMap<String, KnownResource>,
+}
+
+impl Known {
+    /// Adds a validated batch so that a later document of the same load may refer to it.
+    pub fn absorb(&mut self, b: &Batch) {
+        self.accounts.extend(b.accounts.iter().map(|a| a.id.clone()));
+        for p in &b.plans {
+            self.plans.insert(p.id.clone(), p.clone());
+        }
+        for r in &b.resources {
+            self.resources.insert(
+                r.id.clone(),
+                KnownResource { account_id: r.account_id.clone(), plan_id: r.plan_id.clone(), mode: r.mode, created_at: r.created_at, deleted_at: r.deleted_at },
+            );
+        }
+    }
+}
+
+/// Ids a document refers to, so the store can look up just those.
+pub fn referenced_ids(doc: &Document) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let mut accounts: Vec<String> = doc.accounts.iter().map(|a| a.id.clone()).collect();
+    accounts.extend(doc.resources.iter().map(|r| r.account.clone()));
+    accounts.extend(doc.topups.iter().map(|t| t.account.clone()));
+    let mut plans: Vec<String> = doc.plans.iter().map(|p| p.id.clone()).collect();
+    plans.extend(doc.resources.iter().map(|r| r.plan.clone()));
+    let mut resources: Vec<String> = doc.resources.iter().map(|r| r.id.clone()).collect();
+    resources.extend(doc.usage.iter().map(|u| u.resource.clone()));
+    for v in [&mut accounts, &mut plans, &mut resources] {
+        v.sort();
+        v.dedup();
+    }
+    (accounts, plans, resources)
+}
+
+/// Largest price, quantity or amount accepted: keeps every product exact in 128-bit arithmetic.
+const MAX_MAGNITUDE: i64 = 1_000_000_000;
+/// Most decimal places of a price or quantity.
+const MAX_DP: u32 = 8;
+
+/// A decimal string: `-`? digits (`.` digits)?, at most `max_dp` places, |x| < 10^9.
+pub fn parse_decimal(s: &str, max_dp: u32) -> Result<Decimal, String> {
+    let body = s.strip_prefix('-').unwrap_or(s);
+    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+    let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int) || (body.contains('.') && !digits(frac)) {
+        return Err(format!("`{s}` is not a decimal number (write it like \"12.50\")"));
+    }
+    if frac.len() as u32 > max_dp {
+        return Err(format!("`{s}` has {} decimal places; at most {max_dp} are allowed", frac.len()));
+    }
+    let d = Decimal::from_str(s).map_err(|e| format!("`{s}`: {e}"))?;
+    if d.abs() >= Decimal::from(MAX_MAGNITUDE) {
+        return Err(format!("`{s}` is too large (the limit is {MAX_MAGNITUDE})"));
+    }
+    Ok(d)
+}
+
+fn check_id(record: &str, field: &str, id: &str) -> Result<(), InputError> {
+    if id.is_empty() || id.chars().count() > 128 || id.chars().any(|c| c.is_control()) {
+        return Err(InputError::field(record, field, "must be 1 to 128 characters with no control characters"));
+    }
+    Ok(())
+}
+
+fn rec(section: &str, i: usize, id: Option<&str>) -> String {
+    match id {
+        Some(id) => format!("{section}[{i}] (id {id:?})"),
+        None => format!("{section}[{i}]"),
+    }
+}
+
+/// Checks a document against what is loaded (and what earlier documents of the load added).
+pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
+    let mut b = Batch::default();
+    let mut seen = HashSet::new();
+    for (i, a) in doc.accounts.iter().enumerate() {
+        let r = rec("accounts", i, Some(&a.id));
+        check_id(&r, "id", &a.id)?;
+        if known.accounts.contains(&a.id) || !seen.insert(a.id.clone()) {
+            return Err(InputError::field(&r, "id", "duplicate account id"));
+        }
+        let balance = match &a.balance {
+            None => Decimal::ZERO,
+            Some(s) => parse_decimal(s, CENT_DP).map_err(|e| InputError::field(&r, "balance", e))?,
+        };
+        if balance < Decimal::ZERO {
+            return Err(InputError::field(&r, "balance", "an opening balance may not be negative"));
+        }
+        let currency = a.currency.clone().unwrap_or_else(|| "USD".to_string());
+        if currency.len() != 3 || !currency.bytes().all(|c| c.is_ascii_uppercase()) {
+            return Err(InputError::field(&r, "currency", format!("`{currency}` is not an ISO 4217 code like USD")));
+        }
+        let days = |v: Option<i64>, f: &str| match v {
+            None => Ok(15),
+            Some(d) if (0..=3650).contains(&d) => Ok(d),
+            Some(d) => Err(InputError::field(&r, f, format!("{d} is not between 0 and 3650"))),
+        };
+        b.accounts.push(NewAccount { id: a.id.clone(), currency, balance, grace_days: days(a.grace_days, "grace_days")?, retention_days: days(a.retention_days, "retention_days")? });
+    }
+    let mut plans: HashMap<String, Plan> = known.plans.clone();
+    for (i, p) in doc.plans.iter().enumerate() {
+        let r = rec("plans", i, Some(&p.id));
+        check_id(&r, "id", &p.id)?;
+        if plans.contains_key(&p.id) {
+            return Err(InputError::field(&r, "id", "duplicate plan id"));
+        }
+        if p.product.trim().is_empty() {
+            return Err(InputError::field(&r, "product", "must not be empty"));
+        }
+        let prices = |m: &BTreeMap<String, String>, f: &str| -> Result<BTreeMap<String, Decimal>, InputError> {
+            m.iter()
+                .map(|(item, s)| {
+                    check_id(&r, &format!("{f}.{item}"), item)?;
+                    let d = parse_decimal(s, MAX_DP).map_err(|e| InputError::field(&r, &format!("{f}.{item}"), e))?;
+                    if d < Decimal::ZERO {
+                        return Err(InputError::field(&r, &format!("{f}.{item}"), "a price may not be negative"));
+                    }
+                    Ok((item.clone(), d))
+                })
+                .collect()
+        };
+        let period_price = |v: &Option<String>, f: &str| -> Result<Option<Decimal>, InputError> {
+            v.as_ref()
+                .map(|s| {
+                    let d = parse_decimal(s, MAX_DP).map_err(|e| InputError::field(&r, f, e))?;
+                    if d < Decimal::ZERO {
+                        return Err(InputError::field(&r, f, "a price may not be negative"));
+                    }
+                    Ok(d)
+                })
+                .transpose()
+        };
+        if p.packages.is_some() {
+            return Err(InputError::field(&r, "packages", "prepaid packages are not supported by this version of billrun"));
+        }
+        let plan = Plan {
+            id: p.id.clone(),
+            product: p.product.clone(),
+            hourly: prices(&p.hourly, "hourly")?,
+            per_unit: prices(&p.per_unit, "per_unit")?,
+            monthly: period_price(&p.monthly, "monthly")?,
+            yearly: period_price(&p.yearly, "yearly")?,
+        };
+        plans.insert(plan.id.clone(), plan.clone());
+        b.plans.push(plan);
+    }
+    let accounts_known = |id: &str| known.accounts.contains(id) || b.accounts.iter().any(|a| a.id == id);
+    let mut resources: HashMap<String, KnownResource> = known.resources.clone();
+    for (i, x) in doc.resources.iter().enumerate() {
+        let r = rec("resources", i, Some(&x.id));
+        check_id(&r, "id", &x.id)?;
+        if resources.contains_key(&x.id) {
+            return Err(InputError::field(&r, "id", "duplicate resource id"));
+        }
+        if !accounts_known(&x.account) {
+            return Err(InputError::field(&r, "account", format!("unknown account {:?}", x.account)));
+        }
+        let Some(plan) = plans.get(&x.plan) else {
+            return Err(InputError::field(&r, "plan", format!("unknown plan {:?}", x.plan)));
+        };
+        let mode = BillingMode::parse(&x.mode).ok_or_else(|| InputError::field(&r, "mode", format!("`{}` is not pay_per_use, monthly or yearly", x.mode)))?;
+        if mode != BillingMode::PayPerUse {
+            return Err(InputError::field(&r, "mode", "yearly/monthly subscriptions are not supported by this version of billrun"));
+        }
+        for (f, present) in [
+            ("periods", x.periods.is_some()),
+            ("purchased_at", x.purchased_at.is_some()),
+            ("auto_renew", x.auto_renew.is_some()),
+            ("auto_renew_times", x.auto_renew_times.is_some()),
+            ("renew_days_before", x.renew_days_before.is_some()),
+        ] {
+            if present {
+                return Err(InputError::field(&r, f, "applies to yearly/monthly subscriptions, not pay_per_use"));
+            }
+        }
+        let quantity = x.quantity.unwrap_or(1);
+        if !(1..=MAX_MAGNITUDE).contains(&quantity) {
+            return Err(InputError::field(&r, "quantity", format!("{quantity} is not a whole number of instances from 1 to {MAX_MAGNITUDE}")));
+        }
+        let created_at = match &x.created_at {
+            None => return Err(InputError::field(&r, "created_at", "is required for a pay_per_use resource")),
+            Some(s) => parse_instant(s).map_err(|e| InputError::field(&r, "created_at", e))?,
+        };
+        let deleted_at = x.deleted_at.as_ref().map(|s| parse_instant(s).map_err(|e| InputError::field(&r, "deleted_at", e))).transpose()?;
+        if let Some(d) = deleted_at {
+            if d <= created_at {
+                return Err(InputError::field(&r, "deleted_at", "must be after created_at"));
+            }
+        }
+        if plan.hourly.is_empty() && plan.per_unit.is_empty() {
+            return Err(InputError::field(&r, "plan", format!("plan {:?} has no pay-per-use prices", x.plan)));
+        }
+        resources.insert(x.id.clone(), KnownResource { account_id: x.account.clone(), plan_id: x.plan.clone(), mode, created_at, deleted_at });
+        b.resources.push(NewResource { id: x.id.clone(), account_id: x.account.clone(), plan_id: x.plan.clone(), mode, quantity, created_at, deleted_at });
+    }
+    let mut readings = HashSet::new();
+    for (i, u) in doc.usage.iter().enumerate() {
+        let r = rec("usage", i, None);
+        let Some(res) = resources.get(&u.resource) else {
+            return Err(InputError::field(&r, "resource", format!("unknown resource {:?}", u.resource)));
+        };
+        let plan = &plans[&res.plan_id];
+        if u.at.is_some() {
+            return Err(InputError::field(&r, "at", "count-metered usage is not supported by this version of billrun"));
+        }
+        if u.item == crate::billing::settle::INSTANCE_ITEM {
+            return Err(InputError::field(&r, "item", "`instance` usage comes from the resource's lifetime, not from usage records"));
+        }
+        if !plan.hourly.contains_key(&u.item) {
+            return Err(InputError::field(&r, "item", format!("plan {:?} has no hourly price for `{}`", res.plan_id, u.item)));
+        }
+        let quantity = parse_decimal(&u.quantity, MAX_DP).map_err(|e| InputError::field(&r, "quantity", e))?;
+        if quantity < Decimal::ZERO {
+            return Err(InputError::field(&r, "quantity", "may not be negative"));
+        }
+        let from = match &u.from {
+            None => return Err(InputError::field(&r, "from", "is required")),
+            Some(s) => parse_instant(s).map_err(|e| InputError::field(&r, "from", e))?,
+        };
+        let to = match &u.to {
+            None => return Err(InputError::field(&r, "to", "is required")),
+            Some(s) => parse_instant(s).map_err(|e| InputError::field(&r, "to", e))?,
+        };
+        if to <= from {
+            return Err(InputError::field(&r, "to", "must be after from"));
+        }
+        if from < res.created_at || res.deleted_at.is_some_and(|d| to > d) {
+            return Err(InputError::field(&r, "from", format!("the segment lies outside resource {:?}'s lifetime", u.resource)));
+        }
+        if !readings.insert((u.resource.clone(), u.item.clone(), from)) {
+            return Err(InputError::field(&r, "from", "a second reading for the same resource, item and from in one load"));
+        }
+        b.segments.push(NewSegment { resource_id: u.resource.clone(), item: u.item.clone(), quantity, from, to });
+    }
+    for (i, t) in doc.topups.iter().enumerate() {
+        let r = rec("topups", i, None);
+        if !accounts_known(&t.account) {
+            return Err(InputError::field(&r, "account", format!("unknown account {:?}", t.account)));
+        }
+        let amount = parse_decimal(&t.amount, CENT_DP).map_err(|e| InputError::field(&r, "amount", e))?;
+        if amount <= Decimal::ZERO {
+            return Err(InputError::field(&r, "amount", "a top-up must be positive"));
+        }
+        let at = parse_instant(&t.at).map_err(|e| InputError::field(&r, "at", e))?;
+        b.topups.push(NewTopup { account_id: t.account.clone(), amount, at });
+    }
+    if !doc.packages.is_empty() {
+        return Err(InputError::field("packages[0]", "package", "prepaid packages are not supported by this version of billrun"));
+    }
+    Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = r#"{
+      "accounts": [{"id": "acme", "balance": "100.00", "currency": "USD"}],
+      "plans": [{"id": "drive", "product": "KooDrive", "hourly": {"users": "0.012", "storage_gb": "0.0001"}}],
+      "resources": [{"id": "d1", "account": "acme", "plan": "drive", "mode": "pay_per_use", "created_at": "2024-02-01T09:00:00+08:00"}],
+      "usage": [{"resource": "d1", "item": "storage_gb", "quantity": "100", "from": "2024-02-01T10:00:00+08:00", "to": "2024-02-01T11:00:00+08:00"}]
+    }"#;
+
+    fn err(text: &str) -> String {
+        match parse_document("doc.json", text) {
+            Err(e) => e.0,
+            Ok(d) => validate(&d, &Known::default()).map(|_| String::new()).unwrap_or_else(|e| e.0),
+        }
+    }
+
+    #[test]
+    fn accepts_the_spec_document() {
+        let b = validate(&parse_document("doc.json", DOC).unwrap(), &Known::default()).unwrap();
+        assert_eq!(b.segments[0].to - b.segments[0].from, 3600);
+        assert_eq!(b.accounts[0].balance, Decimal::new(10000, 2));
+    }
+
+    #[test]
+    fn rejections_name_the_record_and_field() {
+        assert!(err(r#"{"accounts": [{"id": "a", "colour": "red"}]}"#).contains("accounts[0].colour"), "{}", err(r#"{"accounts": [{"id": "a", "colour": "red"}]}"#));
+        assert!(err(r#"{"accounts": [{"id": "a", "balance": 5}]}"#).contains("accounts[0].balance"));
+        assert!(err(r#"{"accounts": [{"id": "a"}, {"id": "a"}]}"#).contains("accounts[1] (id \"a\"): field `id`: duplicate"));
+        assert!(err(r#"{"accounts": [{"id": "a", "balance": "NaN"}]}"#).contains("not a decimal"));
+        assert!(err(r#"{"accounts": [{"id": "a", "balance": "1.005"}]}"#).contains("decimal places"));
+        let bad_deleted = DOC.replace(r#""created_at": "2024-02-01T09:00:00+08:00""#, r#""created_at": "2024-02-01T09:00:00+08:00", "deleted_at": "2024-02-01T08:00:00+08:00""#);
+        assert!(err(&bad_deleted).contains("resources[0] (id \"d1\"): field `deleted_at`: must be after created_at"));
+        let naive = DOC.replace("2024-02-01T09:00:00+08:00", "2024-02-01T09:00:00");
+        assert!(err(&naive).contains("no UTC offset"));
+        let negative = DOC.replace(r#""0.0001""#, r#""-0.0001""#);
+        assert!(err(&negative).contains("plans[0] (id \"drive\"): field `hourly.storage_gb`: a price may not be negative"));
+        let unknown_ref = DOC.replace(r#""resource": "d1""#, r#""resource": "d9""#);
+        assert!(err(&unknown_ref).contains("usage[0]: field `resource`: unknown resource \"d9\""));
+        assert!(err(&"[".repeat(200)).contains("recursion limit"));
+    }
+}

@@ -1,0 +1,133 @@
+//! The hourly settle job: which runs are due (pure), and catching up to an instant, oldest first.
+
+use crate::billing::zone::BillingZone;
+use crate::store::db::{Db, Kind};
+use crate::store::settle::{settle, SettleOutcome, SettleRun};
+use crate::store::world::SETTLE_JOB;
+use anyhow::Result;
+use rust_decimal::Decimal;
+
+/// When the settle job runs and how long after its end an hour is settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SettleSchedule {
+    /// Seconds after an hour ends before it is settled (default 3600: 08:00-09:00 at 10:00).
+    pub delay: i64,
+}
+
+impl Default for SettleSchedule {
+    fn default() -> Self {
+        SettleSchedule { delay: 3600 }
+    }
+}
+
+/// The first run instant at or after `t` (the job runs at every local full hour).
+pub fn run_at_or_after(zone: &BillingZone, t: i64) -> i64 {
+    let h = zone.hour_start(t);
+    if h == t {
+        t
+    } else {
+        zone.next_hour(h)
+    }
+}
+
+/// What the stored state says about the job.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SettleState {
+    pub last_run: Option<i64>,
+    pub watermark: Option<i64>,
+    pub earliest_usage: Option<i64>,
+}
+
+/// The next scheduled run, if there is anything to settle at all.
+pub fn next_run(zone: &BillingZone, sched: &SettleSchedule, st: &SettleState) -> Option<i64> {
+    match (st.last_run, st.earliest_usage) {
+        (Some(r), _) => Some(zone.next_hour(zone.hour_start(r))),
+        (None, Some(e)) => Some(run_at_or_after(zone, zone.next_hour(zone.hour_start(e)) + sched.delay)),
+        (None, None) => None,
+    }
+}
+
+/// Hours a run at `at` settles in order: from after the watermark (or the earliest usage) through
+/// the last hour that ended at least `delay` before `at`.
+pub fn hours_due(zone: &BillingZone, sched: &SettleSchedule, st: &SettleState, at: i64) -> Vec<i64> {
+    let mut h = match (st.watermark, st.earliest_usage) {
+        (Some(w), _) => zone.next_hour(w),
+        (None, Some(e)) => zone.hour_start(e),
+        (None, None) => return vec![],
+    };
+    let mut out = Vec::new();
+    while zone.next_hour(h) + sched.delay <= at {
+        out.push(h);
+        h = zone.next_hour(h);
+    }
+    out
+}
+
+pub async fn state(db: &Db) -> Result<SettleState> {
+    let r = db
+        .rows(
+            "SELECT (SELECT MAX(scheduled_at) FROM job_runs WHERE job = $1), (SELECT watermark FROM job_state WHERE job = $1), \
+             (SELECT MIN(created_at) FROM resources WHERE mode = 'pay_per_use')",
+            vec![SETTLE_JOB.into()],
+            &[Kind::Int, Kind::Int, Kind::Int],
+        )
+        .await?;
+    let r = &r[0];
+    Ok(SettleState { last_run: r.opt_int(0), watermark: r.opt_int(1), earliest_usage: r.opt_int(2) })
+}
+
+/// Totals of a catch-up.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CatchUp {
+    pub runs: usize,
+    pub skipped: usize,
+    pub lines: usize,
+    pub amount_due: Decimal,
+    pub arrears_began: Vec<String>,
+}
+
+/// Runs the next due settle run if it is due by `now`; `None` when nothing is due.
+pub async fn run_next(db: &Db, zone: &BillingZone, sched: &SettleSchedule, now: i64) -> Result<Option<(i64, SettleOutcome)>> {
+    let st = state(db).await?;
+    let Some(at) = next_run(zone, sched, &st) else { return Ok(None) };
+    if at > now {
+        return Ok(None);
+    }
+    let run = SettleRun { job: SETTLE_JOB.to_string(), at, hours: hours_due(zone, sched, &st, at), scheduled: true, dry_run: false };
+    let out = settle(db, zone, &run).await?;
+    Ok(Some((at, out)))
+}
+
+/// The instant the next run is due, if any.
+pub async fn next_due(db: &Db, zone: &BillingZone, sched: &SettleSchedule) -> Result<Option<i64>> {
+    Ok(next_run(zone, sched, &state(db).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::zone::parse_instant;
+
+    fn at(s: &str) -> i64 {
+        parse_instant(s).unwrap()
+    }
+
+    #[test]
+    fn the_fees_of_eight_to_nine_are_deducted_at_ten() {
+        let z = BillingZone::parse("UTC").unwrap();
+        let st = SettleState { earliest_usage: Some(at("2023-04-18T08:45:30Z")), ..Default::default() };
+        let s = SettleSchedule::default();
+        assert_eq!(next_run(&z, &s, &st), Some(at("2023-04-18T10:00:00Z")));
+        assert_eq!(hours_due(&z, &s, &st, at("2023-04-18T10:00:00Z")), vec![at("2023-04-18T08:00:00Z")]);
+        let st = SettleState { last_run: Some(at("2023-04-18T10:00:00Z")), watermark: Some(at("2023-04-18T08:00:00Z")), ..st };
+        assert_eq!(next_run(&z, &s, &st), Some(at("2023-04-18T11:00:00Z")));
+        assert_eq!(hours_due(&z, &s, &st, at("2023-04-18T11:00:00Z")), vec![at("2023-04-18T09:00:00Z")]);
+    }
+
+    #[test]
+    fn half_hour_zone_runs_on_its_own_grid() {
+        let z = BillingZone::parse("+05:30").unwrap();
+        let st = SettleState { earliest_usage: Some(at("2024-01-01T10:10:00Z")), ..Default::default() };
+        assert_eq!(next_run(&z, &SettleSchedule::default(), &st), Some(at("2024-01-01T11:30:00Z")));
+    }
+}

@@ -1,0 +1,391 @@
+//! One small database layer over SQLite and PostgreSQL. Values cross it as `Val`: integers (instants
+//! are epoch seconds), text, and money, which is NUMERIC on PostgreSQL and exact decimal text on
+//! SQLite. SQL is written once with `$N` placeholders (both engines take them); what differs per
+//! engine (DDL, claims, bulk paths) is chosen by `Backend`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::TryStreamExt;
+use rust_decimal::Decimal;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Row as _, SqlSafeStr, Sqlite, SqlitePool, Transaction};
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Val {
+    Int(Option<i64>),
+    Text(Option<String>),
+    Money(Option<Decimal>),
+}
+
+impl From<i64> for Val {
+    fn from(v: i64) -> Self {
+        Val::Int(Some(v))
+    }
+}
+impl From<Option<i64>> for Val {
+    fn from(v: Option<i64>) -> Self {
+        Val::Int(v)
+    }
+}
+impl From<&str> for Val {
+    fn from(v: &str) -> Self {
+        Val::Text(Some(v.to_string()))
+    }
+}
+impl From<String> for Val {
+    fn from(v: String) -> Self {
+        Val::Text(Some(v))
+    }
+}
+impl From<&String> for Val {
+    fn from(v: &String) -> Self {
+        Val::Text(Some(v.clone()))
+    }
+}
+impl From<Option<String>> for Val {
+    fn from(v: Option<String>) -> Self {
+        Val::Text(v)
+    }
+}
+impl From<Decimal> for Val {
+    fn from(v: Decimal) -> Self {
+        Val::Money(Some(v))
+    }
+}
+
+/// The type a result column is read as.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    Int,
+    Text,
+    Money,
+}
+
+/// A result row, read by position.
+#[derive(Clone, Debug)]
+pub struct Row(pub Vec<Val>);
+
+impl Row {
+    pub fn int(&self, i: usize) -> i64 {
+        self.opt_int(i).unwrap_or_else(|| panic!("column {i} is NULL"))
+    }
+    pub fn opt_int(&self, i: usize) -> Option<i64> {
+        match &self.0[i] {
+            Val::Int(v) => *v,
+            other => panic!("column {i} is {other:?}, not an integer"),
+        }
+    }
+    pub fn text(&self, i: usize) -> String {
+        self.opt_text(i).unwrap_or_else(|| panic!("column {i} is NULL"))
+    }
+    pub fn opt_text(&self, i: usize) -> Option<String> {
+        match &self.0[i] {
+            Val::Text(v) => v.clone(),
+            other => panic!("column {i} is {other:?}, not text"),
+        }
+    }
+    pub fn money(&self, i: usize) -> Decimal {
+        match &self.0[i] {
+            Val::Money(Some(v)) => *v,
+            other => panic!("column {i} is {other:?}, not money"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone, Debug)]
+pub enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+pub enum Tx {
+    Sqlite(Transaction<'static, Sqlite>),
+    Postgres(Transaction<'static, Postgres>),
+}
+
+/// The URL with any password replaced, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{}:***{}", &url[..scheme_end + 3], user, &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+type SqliteQuery = sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments>;
+type PgQuery = sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments>;
+
+fn bind_sqlite(mut q: SqliteQuery, args: Vec<Val>) -> SqliteQuery {
+    for a in args {
+        q = match a {
+            Val::Int(v) => q.bind(v),
+            Val::Text(v) => q.bind(v),
+            Val::Money(v) => q.bind(v.map(|d| d.to_string())),
+        };
+    }
+    q
+}
+
+fn bind_pg(mut q: PgQuery, args: Vec<Val>) -> PgQuery {
+    for a in args {
+        q = match a {
+            Val::Int(v) => q.bind(v),
+            Val::Text(v) => q.bind(v),
+            Val::Money(v) => q.bind(v),
+        };
+    }
+    q
+}
+
+fn read_sqlite(row: &SqliteRow, kinds: &[Kind]) -> Result<Row> {
+    let mut out = Vec::with_capacity(kinds.len());
+    for (i, k) in kinds.iter().enumerate() {
+        out.push(match k {
+            Kind::Int => Val::Int(row.try_get(i)?),
+            Kind::Text => Val::Text(row.try_get(i)?),
+            Kind::Money => {
+                let s: Option<String> = row.try_get(i)?;
+                Val::Money(match s {
+                    None => None,
+                    Some(s) => Some(Decimal::from_str(&s).or_else(|_| Decimal::from_scientific(&s)).with_context(|| format!("column {i}: `{s}` is not a decimal"))?),
+                })
+            }
+        });
+    }
+    Ok(Row(out))
+}
+
+fn read_pg(row: &PgRow, kinds: &[Kind]) -> Result<Row> {
+    let mut out = Vec::with_capacity(kinds.len());
+    for (i, k) in kinds.iter().enumerate() {
+        out.push(match k {
+            Kind::Int => Val::Int(row.try_get(i)?),
+            Kind::Text => Val::Text(row.try_get(i)?),
+            Kind::Money => Val::Money(row.try_get(i)?),
+        });
+    }
+    Ok(Row(out))
+}
+
+impl Db {
+    /// Opens `sqlite://PATH` (created if missing, WAL) or `postgres://...`.
+    pub async fn connect(url: &str) -> Result<Db> {
+        let shown = redact_url(url);
+        if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)
+                .map_err(|e| anyhow!("database URL {shown}: {e}"))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(60))
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(opts)
+                .await
+                .map_err(|e| anyhow!("cannot open SQLite database {shown}: {e}"))?;
+            Ok(Db::Sqlite(pool))
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let opts = PgConnectOptions::from_str(url).map_err(|e| anyhow!("database URL {shown}: {}", strip_secret(&e.to_string(), url)))?;
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(opts)
+                .await
+                .map_err(|e| anyhow!("cannot connect to PostgreSQL {shown}: {}", strip_secret(&e.to_string(), url)))?;
+            Ok(Db::Postgres(pool))
+        } else {
+            bail!("database URL {shown}: expected sqlite://PATH or postgres://...")
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Db::Sqlite(_) => Backend::Sqlite,
+            Db::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// A write transaction. On SQLite it takes the write lock up front (BEGIN IMMEDIATE), so two
+    /// writers queue instead of failing on a lock upgrade.
+    pub async fn begin(&self) -> Result<Tx> {
+        Ok(match self {
+            Db::Sqlite(p) => Tx::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
+            Db::Postgres(p) => Tx::Postgres(p.begin().await?),
+        })
+    }
+
+    pub async fn exec(&self, sql: impl SqlSafeStr, args: Vec<Val>) -> Result<u64> {
+        Ok(match self {
+            Db::Sqlite(p) => bind_sqlite(sqlx::query(sql), args).execute(p).await?.rows_affected(),
+            Db::Postgres(p) => bind_pg(sqlx::query(sql), args).execute(p).await?.rows_affected(),
+        })
+    }
+
+    pub async fn rows(&self, sql: impl SqlSafeStr, args: Vec<Val>, kinds: &[Kind]) -> Result<Vec<Row>> {
+        match self {
+            Db::Sqlite(p) => bind_sqlite(sqlx::query(sql), args).fetch_all(p).await?.iter().map(|r| read_sqlite(r, kinds)).collect(),
+            Db::Postgres(p) => bind_pg(sqlx::query(sql), args).fetch_all(p).await?.iter().map(|r| read_pg(r, kinds)).collect(),
+        }
+    }
+
+    /// Streams the rows of a query to `each`, one at a time: memory stays flat for any result size.
+    pub async fn stream(&self, sql: impl SqlSafeStr, args: Vec<Val>, kinds: &[Kind], mut each: impl FnMut(Row) -> Result<()>) -> Result<u64> {
+        let mut n = 0;
+        match self {
+            Db::Sqlite(p) => {
+                let mut s = bind_sqlite(sqlx::query(sql), args).fetch(p);
+                while let Some(r) = s.try_next().await? {
+                    each(read_sqlite(&r, kinds)?)?;
+                    n += 1;
+                }
+            }
+            Db::Postgres(p) => {
+                let mut s = bind_pg(sqlx::query(sql), args).fetch(p);
+                while let Some(r) = s.try_next().await? {
+                    each(read_pg(&r, kinds)?)?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Db::Sqlite(p) => p.close().await,
+            Db::Postgres(p) => p.close().await,
+        }
+    }
+}
+
+fn strip_secret(msg: &str, url: &str) -> String {
+    match url.find("://").zip(url.rfind('@')) {
+        Some((s, a)) if a > s => match url[s + 3..a].split_once(':') {
+            Some((_, pw)) if !pw.is_empty() => msg.replace(pw, "***"),
+            _ => msg.to_string(),
+        },
+        _ => msg.to_string(),
+    }
+}
+
+/// Most rows one multi-row statement carries: below SQLite's 32,766 and PostgreSQL's 65,535 binds.
+pub fn rows_per_statement(columns: usize) -> usize {
+    (30_000 / columns.max(1)).clamp(1, 1000)
+}
+
+impl Tx {
+    pub fn backend(&self) -> Backend {
+        match self {
+            Tx::Sqlite(_) => Backend::Sqlite,
+            Tx::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    pub async fn exec(&mut self, sql: impl SqlSafeStr, args: Vec<Val>) -> Result<u64> {
+        Ok(match self {
+            Tx::Sqlite(t) => bind_sqlite(sqlx::query(sql), args).execute(&mut **t).await?.rows_affected(),
+            Tx::Postgres(t) => bind_pg(sqlx::query(sql), args).execute(&mut **t).await?.rows_affected(),
+        })
+    }
+
+    pub async fn rows(&mut self, sql: impl SqlSafeStr, args: Vec<Val>, kinds: &[Kind]) -> Result<Vec<Row>> {
+        match self {
+            Tx::Sqlite(t) => bind_sqlite(sqlx::query(sql), args).fetch_all(&mut **t).await?.iter().map(|r| read_sqlite(r, kinds)).collect(),
+            Tx::Postgres(t) => bind_pg(sqlx::query(sql), args).fetch_all(&mut **t).await?.iter().map(|r| read_pg(r, kinds)).collect(),
+        }
+    }
+
+    /// Runs several statements without arguments (migrations).
+    pub async fn script(&mut self, sql: &'static str) -> Result<()> {
+        match self {
+            Tx::Sqlite(t) => {
+                sqlx::raw_sql(sql).execute(&mut **t).await?;
+            }
+            Tx::Postgres(t) => {
+                sqlx::raw_sql(sql).execute(&mut **t).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `INSERT INTO table (columns) VALUES (...), (...) [suffix]` in as few statements as the bind
+    /// limits allow. Returns the rows affected.
+    pub async fn insert_rows(&mut self, table: &str, columns: &[&str], rows: Vec<Vec<Val>>, suffix: &str) -> Result<u64> {
+        let head = format!("INSERT INTO {table} ({}) VALUES ", columns.join(", "));
+        self.values_statements(&head, columns.len(), rows, &format!(" {suffix}")).await
+    }
+
+    /// Runs `head (..), (..) tail` for each chunk of rows: a multi-row INSERT, or a
+    /// `WITH v(cols) AS (VALUES ..) UPDATE .. FROM v` that sets many rows in one statement.
+    pub async fn values_statements(&mut self, head: &str, columns: usize, rows: Vec<Vec<Val>>, tail: &str) -> Result<u64> {
+        let mut affected = 0;
+        let per = rows_per_statement(columns);
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let chunk: Vec<Vec<Val>> = rows.by_ref().take(per).collect();
+            let mut sql = String::with_capacity(head.len() + tail.len() + chunk.len() * columns * 7);
+            sql.push_str(head);
+            let mut args = Vec::with_capacity(chunk.len() * columns);
+            for (r, row) in chunk.into_iter().enumerate() {
+                debug_assert_eq!(row.len(), columns);
+                sql.push_str(if r == 0 { "(" } else { ", (" });
+                for c in 0..columns {
+                    if c > 0 {
+                        sql.push_str(", ");
+                    }
+                    sql.push('$');
+                    sql.push_str(&(r * columns + c + 1).to_string());
+                }
+                sql.push(')');
+                args.extend(row);
+            }
+            sql.push_str(tail);
+            // only identifiers from this crate and numbered placeholders are in the text
+            affected += self.exec(AssertSqlSafe(sql), args).await?;
+        }
+        Ok(affected)
+    }
+
+    pub async fn commit(self) -> Result<()> {
+        match self {
+            Tx::Sqlite(t) => t.commit().await?,
+            Tx::Postgres(t) => t.commit().await?,
+        }
+        Ok(())
+    }
+
+    pub async fn rollback(self) -> Result<()> {
+        match self {
+            Tx::Sqlite(t) => t.rollback().await?,
+            Tx::Postgres(t) => t.rollback().await?,
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_shown() {
+        assert_eq!(redact_url("postgres://app:s3cret@db:5432/billing"), "postgres://app:***@db:5432/billing");
+        assert_eq!(redact_url("postgres://app@db/billing"), "postgres://app@db/billing");
+        assert_eq!(redact_url("sqlite://billrun.db"), "sqlite://billrun.db");
+        assert_eq!(strip_secret("password s3cret rejected", "postgres://a:s3cret@h/d"), "password *** rejected");
+    }
+}

@@ -1,0 +1,72 @@
+//! Migrations, embedded in the binary and applied in order on every start (and by `billrun migrate`).
+
+use super::db::{Backend, Db, Kind};
+use crate::billing::zone::BillingZone;
+use crate::error::InputError;
+use anyhow::Result;
+
+const SQLITE: &[(i64, &str)] = &[(1, include_str!("../../sql/sqlite/0001_foundation.sql"))];
+const POSTGRES: &[(i64, &str)] = &[(1, include_str!("../../sql/postgres/0001_foundation.sql"))];
+
+/// Brings the schema up to date. Concurrent starts are serialised by a lock on `meta`.
+pub async fn migrate(db: &Db) -> Result<i64> {
+    let steps = match db.backend() {
+        Backend::Sqlite => SQLITE,
+        Backend::Postgres => POSTGRES,
+    };
+    db.exec("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)", vec![]).await?;
+    let mut tx = db.begin().await?;
+    if tx.backend() == Backend::Postgres {
+        tx.exec("LOCK TABLE meta IN EXCLUSIVE MODE", vec![]).await?;
+    }
+    let current = tx
+        .rows("SELECT value FROM meta WHERE key = 'schema_version'", vec![], &[Kind::Text])
+        .await?
+        .first()
+        .map(|r| r.text(0).parse::<i64>())
+        .transpose()?
+        .unwrap_or(0);
+    let mut version = current;
+    for (v, sql) in steps {
+        if *v > version {
+            tx.script(sql).await?;
+            version = *v;
+        }
+    }
+    if version != current {
+        tx.exec(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            vec![version.to_string().into()],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(version)
+}
+
+/// The billing zone of this database: stored on first use; naming another one later is refused.
+pub async fn billing_zone(db: &Db, requested: Option<&BillingZone>) -> Result<BillingZone> {
+    let mut tx = db.begin().await?;
+    let stored = tx.rows("SELECT value FROM meta WHERE key = 'timezone'", vec![], &[Kind::Text]).await?;
+    let zone = match (stored.first().map(|r| r.text(0)), requested) {
+        (Some(s), req) => {
+            let stored = BillingZone::parse(&s).map_err(anyhow::Error::msg)?;
+            if let Some(req) = req {
+                if req.name() != stored.name() {
+                    return Err(InputError(format!(
+                        "--timezone: this database bills in {stored}; it cannot be run in {req} (zones are never mixed)"
+                    ))
+                    .into());
+                }
+            }
+            stored
+        }
+        (None, req) => {
+            let zone = req.copied().unwrap_or(BillingZone::parse("UTC").expect("UTC parses"));
+            tx.exec("INSERT INTO meta (key, value) VALUES ('timezone', $1)", vec![zone.name().into()]).await?;
+            zone
+        }
+    };
+    tx.commit().await?;
+    Ok(zone)
+}

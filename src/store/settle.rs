@@ -1,0 +1,186 @@
+//! One settlement run in one transaction: claim the run, read the hour's resources, usage and
+//! posted lines, plan with the pure rules, post the lines and move the balances. A crash anywhere
+//! leaves nothing behind; the run's row is the claim, so a second runner skips it.
+
+use super::db::{Db, Kind, Tx};
+use super::ledger;
+use super::world::{account_of, plan_of, record_arrears_events, resource_of, save_accounts, ACCOUNT_KINDS, RESOURCE_KINDS, SETTLE_JOB};
+use crate::billing::model::{LedgerLine, MeteredResource, Plan, UsageSegment};
+use crate::billing::settle::{desired_usage, post_drafts, reconcile, AccountBook, ArrearsEvent, PostedUsage, Unbillable};
+use crate::billing::zone::BillingZone;
+use crate::clock;
+use anyhow::{anyhow, Result};
+use rust_decimal::Decimal;
+use std::collections::HashMap;
+
+/// Which run this is: a scheduled run of the settle job, or an operator's `settle --hour`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettleRun {
+    pub job: String,
+    /// The run's instant: the transaction time of every line it posts.
+    pub at: i64,
+    /// Hours this run settles (besides dirty hours, for scheduled runs).
+    pub hours: Vec<i64>,
+    /// Scheduled runs also re-settle every hour marked dirty and advance the watermark.
+    pub scheduled: bool,
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SettleOutcome {
+    /// Another runner had already done this run.
+    pub skipped: bool,
+    pub hours: Vec<i64>,
+    pub lines: Vec<LedgerLine>,
+    pub amount_due: Decimal,
+    pub arrears_began: Vec<String>,
+}
+
+pub async fn settle(db: &Db, zone: &BillingZone, run: &SettleRun) -> Result<SettleOutcome> {
+    let mut tx = db.begin().await?;
+    if !run.dry_run {
+        let claimed = tx
+            .exec(
+                "INSERT INTO job_runs (job, scheduled_at, outcome, started_at) VALUES ($1, $2, 'running', $3) ON CONFLICT (job, scheduled_at) DO NOTHING",
+                vec![run.job.clone().into(), run.at.into(), clock::wall_now().into()],
+            )
+            .await?;
+        if claimed == 0 {
+            tx.rollback().await?;
+            return Ok(SettleOutcome { skipped: true, ..Default::default() });
+        }
+    }
+    let mut hours = run.hours.clone();
+    let dirty: Vec<i64> = if run.scheduled {
+        tx.rows("SELECT hour_start FROM dirty_hours ORDER BY hour_start", vec![], &[Kind::Int]).await?.iter().map(|r| r.int(0)).collect()
+    } else {
+        vec![]
+    };
+    hours.extend(dirty.iter().copied());
+    hours.sort_unstable();
+    hours.dedup();
+
+    let plans: HashMap<String, Plan> =
+        tx.rows("SELECT doc FROM plans", vec![], &[Kind::Text]).await?.iter().map(|r| plan_of(r).map(|p| (p.id.clone(), p))).collect::<Result<_>>()?;
+    let mut books: HashMap<String, AccountBook> = HashMap::new();
+    let mut events: Vec<ArrearsEvent> = Vec::new();
+    let mut out = SettleOutcome { hours: hours.clone(), ..Default::default() };
+    for &hour in &hours {
+        let lines = settle_hour(&mut tx, zone, hour, &plans, &mut books, &mut events, run).await?;
+        out.amount_due += lines.iter().map(|l| l.amount_due).sum::<Decimal>();
+        out.lines.extend(lines);
+    }
+    out.arrears_began = events.iter().filter_map(|e| if let ArrearsEvent::Began { account_id, .. } = e { Some(account_id.clone()) } else { None }).collect();
+    if run.dry_run {
+        tx.rollback().await?;
+        return Ok(out);
+    }
+    ledger::post_lines(&mut tx, out.lines.clone()).await?;
+    let changed: Vec<_> = books.values().filter(|b| b.changed).map(|b| &b.account).collect();
+    save_accounts(&mut tx, changed).await?;
+    record_arrears_events(&mut tx, &events).await?;
+    if run.scheduled {
+        for h in &dirty {
+            tx.exec("DELETE FROM dirty_hours WHERE hour_start = $1", vec![(*h).into()]).await?;
+        }
+        if let Some(&last) = run.hours.iter().max() {
+            tx.exec(
+                "INSERT INTO job_state (job, watermark) VALUES ($1, $2) ON CONFLICT (job) DO UPDATE SET watermark = excluded.watermark WHERE job_state.watermark < excluded.watermark",
+                vec![SETTLE_JOB.into(), last.into()],
+            )
+            .await?;
+        }
+    } else {
+        for h in &run.hours {
+            tx.exec("DELETE FROM dirty_hours WHERE hour_start = $1", vec![(*h).into()]).await?;
+        }
+    }
+    let detail = serde_json::json!({"hours": hours}).to_string();
+    tx.exec(
+        "UPDATE job_runs SET outcome = 'ok', finished_at = $3, lines = $4, amount_due = $5, detail = $6 WHERE job = $1 AND scheduled_at = $2",
+        vec![run.job.clone().into(), run.at.into(), clock::wall_now().into(), (out.lines.len() as i64).into(), out.amount_due.into(), detail.into()],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+async fn settle_hour(
+    tx: &mut Tx,
+    zone: &BillingZone,
+    hour: i64,
+    plans: &HashMap<String, Plan>,
+    books: &mut HashMap<String, AccountBook>,
+    events: &mut Vec<ArrearsEvent>,
+    run: &SettleRun,
+) -> Result<Vec<LedgerLine>> {
+    let end = zone.next_hour(hour);
+    let resources: HashMap<String, MeteredResource> = tx
+        .rows(
+            "SELECT id, account_id, plan_id, quantity, created_at, deleted_at FROM resources \
+             WHERE mode = 'pay_per_use' AND created_at < $2 AND (deleted_at IS NULL OR deleted_at > $1)",
+            vec![hour.into(), end.into()],
+            RESOURCE_KINDS,
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            let r = resource_of(r);
+            (r.id.clone(), r)
+        })
+        .collect();
+    let segments: Vec<UsageSegment> = tx
+        .rows(
+            "SELECT resource_id, item, quantity, from_at, to_at FROM usage_segments WHERE superseded = 0 AND from_at < $2 AND to_at > $1",
+            vec![hour.into(), end.into()],
+            &[Kind::Text, Kind::Text, Kind::Money, Kind::Int, Kind::Int],
+        )
+        .await?
+        .iter()
+        .map(|r| UsageSegment { resource_id: r.text(0), item: r.text(1), quantity: r.money(2), from: r.int(3), to: r.int(4) })
+        .collect();
+    let desired = desired_usage(zone, hour, plans, &resources, &segments, &Unbillable::new()).map_err(|e| anyhow!("hour {}: {e}", zone.format(hour)))?;
+
+    let mut posted: HashMap<String, PostedUsage> = HashMap::new();
+    for l in ledger::hour_lines(tx, hour).await? {
+        let p = PostedUsage {
+            resource_id: l.resource_id.clone(),
+            item: l.billing_item.clone().unwrap_or_default(),
+            hour_start: hour,
+            quantity: l.quantity,
+            unit_price: l.unit_price,
+            period_start: l.period_start,
+            period_end: l.period_end,
+            seconds: l.usage_seconds.unwrap_or(0),
+            list_amount: l.list_amount,
+            amount_due: l.amount_due,
+            lines: 1,
+        };
+        match posted.get_mut(&l.line_key) {
+            Some(acc) => acc.add(&p),
+            None => {
+                posted.insert(l.line_key, p);
+            }
+        }
+    }
+    let drafts = reconcile(&desired, &posted);
+    if drafts.is_empty() {
+        return Ok(vec![]);
+    }
+    // accounts of the hour, read once per run; later hours of the run continue from their balance
+    let rows = tx
+        .rows(
+            "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id IN \
+             (SELECT account_id FROM resources WHERE mode = 'pay_per_use' AND created_at < $2 AND (deleted_at IS NULL OR deleted_at > $1) \
+              UNION SELECT account_id FROM ledger WHERE hour_start = $1)",
+            vec![hour.into(), end.into()],
+            ACCOUNT_KINDS,
+        )
+        .await?;
+    for r in &rows {
+        let a = account_of(r);
+        books.entry(a.id.clone()).or_insert_with(|| AccountBook::new(a));
+    }
+    let context = |id: &str| resources.get(id).and_then(|r| plans.get(&r.plan_id).map(|p| (r.clone(), p.clone())));
+    post_drafts(drafts, context, books, run.at, &run.job, events).map_err(|e| anyhow!("hour {}: {e}", zone.format(hour)))
+}

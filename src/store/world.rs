@@ -1,0 +1,237 @@
+//! Accounts, plans, resources, usage and top-ups: loading fixture documents and reading them back.
+
+use super::db::{Db, Kind, Row, Tx, Val};
+use crate::billing::model::{Account, BillingMode, MeteredResource, Plan};
+use crate::billing::settle::{ArrearsEvent, AccountBook, INSTANCE_ITEM};
+use crate::billing::zone::{split_by_hour, BillingZone};
+use crate::error::InputError;
+use crate::fixture::{self, Batch, Document, Known, KnownResource};
+use anyhow::{Context, Result};
+use rust_decimal::Decimal;
+use std::collections::BTreeSet;
+
+pub const SETTLE_JOB: &str = "settle";
+
+pub(crate) const ACCOUNT_KINDS: &[Kind] = &[Kind::Text, Kind::Text, Kind::Money, Kind::Int, Kind::Int, Kind::Int];
+
+pub(crate) fn account_of(r: &Row) -> Account {
+    Account { id: r.text(0), currency: r.text(1), balance: r.money(2), in_arrears_since: r.opt_int(3), grace_days: r.int(4), retention_days: r.int(5) }
+}
+
+pub(crate) const RESOURCE_KINDS: &[Kind] = &[Kind::Text, Kind::Text, Kind::Text, Kind::Int, Kind::Int, Kind::Int];
+
+pub(crate) fn resource_of(r: &Row) -> MeteredResource {
+    MeteredResource { id: r.text(0), account_id: r.text(1), plan_id: r.text(2), quantity: r.int(3), created_at: r.int(4), deleted_at: r.opt_int(5) }
+}
+
+pub(crate) fn plan_of(r: &Row) -> Result<Plan> {
+    serde_json::from_str(&r.text(0)).context("stored plan document")
+}
+
+/// Summary of one `load`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadSummary {
+    pub accounts: usize,
+    pub plans: usize,
+    pub resources: usize,
+    pub usage: usize,
+    pub topups: usize,
+    pub corrected_readings: usize,
+    pub hours_marked_for_resettlement: usize,
+}
+
+async fn known_for(tx: &mut Tx, doc: &Document, known: &mut Known) -> Result<()> {
+    let (accounts, plans, resources) = fixture::referenced_ids(doc);
+    for id in accounts {
+        if !known.accounts.contains(&id) && !tx.rows("SELECT id FROM accounts WHERE id = $1", vec![id.clone().into()], &[Kind::Text]).await?.is_empty() {
+            known.accounts.insert(id);
+        }
+    }
+    for id in plans {
+        if known.plans.contains_key(&id) {
+            continue;
+        }
+        if let Some(r) = tx.rows("SELECT doc FROM plans WHERE id = $1", vec![id.clone().into()], &[Kind::Text]).await?.first() {
+            known.plans.insert(id, plan_of(r)?);
+        }
+    }
+    for id in resources {
+        if known.resources.contains_key(&id) {
+            continue;
+        }
+        let rows = tx
+            .rows("SELECT account_id, plan_id, mode, created_at, deleted_at FROM resources WHERE id = $1", vec![id.clone().into()], &[Kind::Text, Kind::Text, Kind::Text, Kind::Int, Kind::Int])
+            .await?;
+        if let Some(r) = rows.first() {
+            let mode = BillingMode::parse(&r.text(2)).context("stored resource mode")?;
+            known.resources.insert(id, KnownResource { account_id: r.text(0), plan_id: r.text(1), mode, created_at: r.int(3), deleted_at: r.opt_int(4) });
+        }
+    }
+    // plans of referenced resources, for usage item checks
+    let missing: Vec<String> = known.resources.values().map(|r| r.plan_id.clone()).filter(|p| !known.plans.contains_key(p)).collect();
+    for id in missing {
+        if let Some(r) = tx.rows("SELECT doc FROM plans WHERE id = $1", vec![id.clone().into()], &[Kind::Text]).await?.first() {
+            known.plans.insert(id, plan_of(r)?);
+        }
+    }
+    Ok(())
+}
+
+/// The settle job's watermark: the last billing hour settled in order.
+pub(crate) async fn watermark(tx: &mut Tx) -> Result<Option<i64>> {
+    Ok(tx.rows("SELECT watermark FROM job_state WHERE job = $1", vec![SETTLE_JOB.into()], &[Kind::Int]).await?.first().map(|r| r.int(0)))
+}
+
+/// Loads documents, all or nothing: each is validated against the database and the documents
+/// before it; a rejection rolls back everything. Usage that lands in hours already settled marks
+/// them for re-settlement by the next run.
+pub async fn load_documents(db: &Db, zone: &BillingZone, docs: &[(String, Document)]) -> Result<LoadSummary> {
+    let mut tx = db.begin().await?;
+    let mut known = Known::default();
+    let mut batches = Vec::with_capacity(docs.len());
+    for (name, doc) in docs {
+        known_for(&mut tx, doc, &mut known).await?;
+        let batch = fixture::validate(doc, &known).map_err(|e| InputError(format!("{name}: {}", e.0)))?;
+        known.absorb(&batch);
+        batches.push(batch);
+    }
+    let watermark = watermark(&mut tx).await?;
+    let mut summary = LoadSummary::default();
+    let mut dirty = BTreeSet::new();
+    for b in &batches {
+        write_batch(&mut tx, zone, b, watermark, &known, &mut dirty, &mut summary).await?;
+    }
+    summary.hours_marked_for_resettlement = dirty.len();
+    let rows: Vec<Vec<Val>> = dirty.into_iter().map(|h| vec![Val::from(h)]).collect();
+    tx.insert_rows("dirty_hours", &["hour_start"], rows, "ON CONFLICT (hour_start) DO NOTHING").await?;
+    tx.commit().await?;
+    Ok(summary)
+}
+
+fn mark_dirty(zone: &BillingZone, from: i64, to: i64, watermark: Option<i64>, dirty: &mut BTreeSet<i64>) {
+    let Some(w) = watermark else { return };
+    let end = to.min(zone.next_hour(w));
+    for (h, _, _) in split_by_hour(zone, from, end) {
+        dirty.insert(h);
+    }
+}
+
+async fn write_batch(tx: &mut Tx, zone: &BillingZone, b: &Batch, watermark: Option<i64>, known: &Known, dirty: &mut BTreeSet<i64>, s: &mut LoadSummary) -> Result<()> {
+    let accounts = b
+        .accounts
+        .iter()
+        .map(|a| vec![a.id.clone().into(), a.currency.clone().into(), a.balance.into(), a.balance.into(), a.grace_days.into(), a.retention_days.into()])
+        .collect();
+    s.accounts += tx.insert_rows("accounts", &["id", "currency", "opening_balance", "balance", "grace_days", "retention_days"], accounts, "").await? as usize;
+    let plans = b.plans.iter().map(|p| Ok(vec![p.id.clone().into(), p.product.clone().into(), serde_json::to_string(p)?.into()])).collect::<Result<Vec<_>>>()?;
+    s.plans += tx.insert_rows("plans", &["id", "product", "doc"], plans, "").await? as usize;
+    let resources = b
+        .resources
+        .iter()
+        .map(|r| vec![r.id.clone().into(), r.account_id.clone().into(), r.plan_id.clone().into(), r.mode.as_str().into(), r.quantity.into(), r.created_at.into(), r.deleted_at.into()])
+        .collect();
+    s.resources += tx.insert_rows("resources", &["id", "account_id", "plan_id", "mode", "quantity", "created_at", "deleted_at"], resources, "").await? as usize;
+    for r in &b.resources {
+        if known.plans.get(&r.plan_id).is_some_and(|p| p.hourly.contains_key(INSTANCE_ITEM)) {
+            mark_dirty(zone, r.created_at, r.deleted_at.unwrap_or(i64::MAX), watermark, dirty);
+        }
+    }
+    for seg in &b.segments {
+        // a new reading for the same (resource, item, from) corrects the earlier one
+        let old = tx
+            .rows(
+                "UPDATE usage_segments SET superseded = 1 WHERE resource_id = $1 AND item = $2 AND from_at = $3 AND superseded = 0 RETURNING to_at",
+                vec![seg.resource_id.clone().into(), seg.item.clone().into(), seg.from.into()],
+                &[Kind::Int],
+            )
+            .await?;
+        for r in &old {
+            s.corrected_readings += 1;
+            mark_dirty(zone, seg.from, r.int(0), watermark, dirty);
+        }
+        mark_dirty(zone, seg.from, seg.to, watermark, dirty);
+    }
+    let segments = b
+        .segments
+        .iter()
+        .map(|u| vec![u.resource_id.clone().into(), u.item.clone().into(), u.quantity.into(), u.from.into(), u.to.into()])
+        .collect();
+    s.usage += tx.insert_rows("usage_segments", &["resource_id", "item", "quantity", "from_at", "to_at"], segments, "").await? as usize;
+    for t in &b.topups {
+        post_topup(tx, &t.account_id, t.amount, t.at).await?;
+        s.topups += 1;
+    }
+    Ok(())
+}
+
+/// Reads an account inside a transaction.
+pub(crate) async fn account(tx: &mut Tx, id: &str) -> Result<Option<Account>> {
+    let sql = "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id = $1";
+    Ok(tx.rows(sql, vec![id.into()], ACCOUNT_KINDS).await?.first().map(account_of))
+}
+
+/// Writes balance and arrears state of accounts, many per statement.
+pub(crate) async fn save_accounts(tx: &mut Tx, accounts: Vec<&Account>) -> Result<()> {
+    let rows = accounts.into_iter().map(|a| vec![a.id.clone().into(), a.balance.into(), a.in_arrears_since.into()]).collect();
+    tx.values_statements(
+        "WITH v(id, balance, since) AS (VALUES ",
+        3,
+        rows,
+        ") UPDATE accounts SET balance = v.balance, in_arrears_since = v.since FROM v WHERE accounts.id = v.id",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records arrears beginning or ending: the period table and the notification outbox.
+pub(crate) async fn record_arrears_events(tx: &mut Tx, events: &[ArrearsEvent]) -> Result<()> {
+    for e in events {
+        match e {
+            ArrearsEvent::Began { account_id, at } => {
+                tx.exec("INSERT INTO arrears_periods (account_id, began_at) VALUES ($1, $2) ON CONFLICT DO NOTHING", vec![account_id.into(), (*at).into()]).await?;
+                notify(tx, "arrears_began", account_id, *at).await?;
+            }
+            ArrearsEvent::Cleared { account_id, at } => {
+                tx.exec("UPDATE arrears_periods SET cleared_at = $2 WHERE account_id = $1 AND cleared_at IS NULL", vec![account_id.into(), (*at).into()]).await?;
+                notify(tx, "arrears_cleared", account_id, *at).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn notify(tx: &mut Tx, kind: &str, account_id: &str, at: i64) -> Result<()> {
+    let key = serde_json::json!([kind, account_id, at]).to_string();
+    tx.exec(
+        "INSERT INTO notifications (event_key, kind, account_id, at) VALUES ($1, $2, $3, $4) ON CONFLICT (event_key) DO NOTHING",
+        vec![key.into(), kind.into(), account_id.into(), at.into()],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Credits a top-up at `at`; one that brings the balance to zero or above ends arrears.
+pub(crate) async fn post_topup(tx: &mut Tx, account_id: &str, amount: Decimal, at: i64) -> Result<Decimal> {
+    let acc = account(tx, account_id).await?.ok_or_else(|| InputError(format!("topup: unknown account {account_id:?}")))?;
+    let mut book = AccountBook::new(acc);
+    let mut events = Vec::new();
+    let mut after = book.account.balance + amount;
+    after.rescale(2);
+    book.apply(after, at, &mut events);
+    tx.exec(
+        "INSERT INTO balance_postings (account_id, kind, amount, at, balance_after) VALUES ($1, 'topup', $2, $3, $4)",
+        vec![account_id.into(), amount.into(), at.into(), after.into()],
+    )
+    .await?;
+    save_accounts(tx, vec![&book.account]).await?;
+    record_arrears_events(tx, &events).await?;
+    Ok(after)
+}
+
+/// Operator top-up (`billrun topup`).
+pub async fn topup(db: &Db, account_id: &str, amount: Decimal, at: i64) -> Result<Decimal> {
+    let mut tx = db.begin().await?;
+    let after = post_topup(&mut tx, account_id, amount, at).await?;
+    tx.commit().await?;
+    Ok(after)
+}
