@@ -1,6 +1,12 @@
+pub mod app;
 pub mod billing;
+pub mod cli;
+pub mod daemon;
+pub mod demo;
 pub mod clock;
+pub mod config;
 pub mod error;
+pub mod export;
 pub mod fixture;
 pub mod jobs;
 pub mod store;

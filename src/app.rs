@@ -1,0 +1,335 @@
+//! What each command does, as library functions over an open database: the CLI and the tests call
+//! these, so the tests drive exactly what an operator runs.
+
+use crate::billing::model::LedgerLine;
+use crate::billing::money::{fmt_amount, fmt_cents};
+use crate::billing::zone::{parse_instant, BillingZone};
+use crate::config::Config;
+use crate::error::InputError;
+use crate::fixture::parse_document;
+use crate::jobs::settle::{self as settle_job, CatchUp, SettleSchedule};
+use crate::store::db::{Db, Kind};
+use crate::store::settle::{settle, SettleOutcome, SettleRun};
+use crate::store::world::{self, LoadSummary, SETTLE_JOB};
+use crate::store::{ledger, schema};
+use anyhow::{Context, Result};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use serde_json::json;
+
+/// An open, migrated database with its billing zone.
+pub struct Billing {
+    pub db: Db,
+    pub zone: BillingZone,
+    pub settle: SettleSchedule,
+}
+
+impl Billing {
+    pub async fn open(cfg: &Config) -> Result<Billing> {
+        let db = Db::connect(&cfg.database_url).await?;
+        schema::migrate(&db).await.context("migrating the schema")?;
+        let zone = schema::billing_zone(&db, cfg.timezone.as_ref()).await?;
+        Ok(Billing { db, zone, settle: cfg.settle })
+    }
+
+    pub fn fmt(&self, t: i64) -> String {
+        self.zone.format(t)
+    }
+
+    /// Loads fixture files, all or nothing.
+    pub async fn load_files(&self, paths: &[std::path::PathBuf]) -> Result<LoadSummary> {
+        let mut docs = Vec::new();
+        for p in paths {
+            let name = p.display().to_string();
+            let text = std::fs::read_to_string(p).map_err(|e| InputError(format!("{name}: cannot read: {e}")))?;
+            docs.push((name.clone(), parse_document(&name, &text)?));
+        }
+        self.load_texts(docs).await
+    }
+
+    pub async fn load_json(&self, name: &str, text: &str) -> Result<LoadSummary> {
+        self.load_texts(vec![(name.to_string(), parse_document(name, text)?)]).await
+    }
+
+    async fn load_texts(&self, docs: Vec<(String, crate::fixture::Document)>) -> Result<LoadSummary> {
+        world::load_documents(&self.db, &self.zone, &docs).await
+    }
+
+    /// Runs every job due up to `now`, oldest first, each at its own scheduled instant.
+    pub async fn tick(&self, now: i64, mut on_run: impl FnMut(i64, &SettleOutcome)) -> Result<CatchUp> {
+        let mut total = CatchUp::default();
+        while let Some((at, out)) = settle_job::run_next(&self.db, &self.zone, &self.settle, now).await? {
+            if out.skipped {
+                total.skipped += 1;
+            } else {
+                total.runs += 1;
+                total.lines += out.lines.len();
+                total.amount_due += out.amount_due;
+                total.arrears_began.extend(out.arrears_began.iter().cloned());
+            }
+            on_run(at, &out);
+        }
+        self.db
+            .exec(
+                "INSERT INTO meta (key, value) VALUES ('last_tick_now', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                vec![now.to_string().into()],
+            )
+            .await?;
+        Ok(total)
+    }
+
+    /// One-off (re)settlement of the hour starting at `hour`, posted at `at`.
+    pub async fn settle_hour(&self, hour: i64, at: i64, dry_run: bool) -> Result<SettleOutcome> {
+        if self.zone.hour_start(hour) != hour {
+            return Err(InputError(format!("--hour: {} is not the start of a billing hour in {}", self.fmt(hour), self.zone)).into());
+        }
+        if self.zone.next_hour(hour) > at {
+            return Err(InputError(format!("--hour: the hour {} has not ended by {}", self.fmt(hour), self.fmt(at))).into());
+        }
+        let run = SettleRun { job: format!("settle-hour:{}", self.fmt(hour)), at, hours: vec![hour], scheduled: false, dry_run };
+        settle(&self.db, &self.zone, &run).await
+    }
+
+    pub async fn topup(&self, account: &str, amount: &str, at: i64) -> Result<Decimal> {
+        let amount = crate::fixture::parse_decimal(amount, 2).map_err(|e| InputError(format!("AMOUNT: {e}")))?;
+        if amount <= Decimal::ZERO {
+            return Err(InputError("AMOUNT: a top-up must be positive".into()).into());
+        }
+        world::topup(&self.db, account, amount, at).await
+    }
+
+    pub async fn export<W: std::io::Write>(&self, filter: &ledger::ExportFilter, out: W) -> Result<u64> {
+        crate::export::export(&self.db, &self.zone, filter, out).await
+    }
+
+    /// How one bill line came to be.
+    pub async fn explain(&self, transaction_id: &str) -> Result<Explanation> {
+        let line = ledger::line(&self.db, transaction_id).await?.ok_or_else(|| InputError(format!("TRANSACTION_ID: no transaction {transaction_id:?}")))?;
+        let inputs: serde_json::Value = serde_json::from_str(&line.explain).context("stored explanation")?;
+        Ok(Explanation { text: explain_text(self, &line, &inputs), json: explain_json(self, &line, inputs) })
+    }
+
+    /// The instant `status` describes: the last `tick --now`, else the wall clock.
+    pub async fn as_of(&self) -> Result<i64> {
+        let r = self.db.rows("SELECT value FROM meta WHERE key = 'last_tick_now'", vec![], &[Kind::Text]).await?;
+        Ok(match r.first() {
+            Some(r) => r.text(0).parse()?,
+            None => crate::clock::wall_now(),
+        })
+    }
+
+    pub async fn status(&self) -> Result<Status> {
+        let as_of = self.as_of().await?;
+        let accounts = self
+            .db
+            .rows("SELECT id, balance, in_arrears_since FROM accounts ORDER BY id", vec![], &[Kind::Text, Kind::Money, Kind::Int])
+            .await?
+            .iter()
+            .map(|r| AccountStatus { id: r.text(0), balance: fmt_cents(r.money(1)), in_arrears_since: r.opt_int(2).map(|t| self.fmt(t)) })
+            .collect();
+        let resources = self
+            .db
+            .rows("SELECT id, account_id, mode, deleted_at FROM resources ORDER BY id", vec![], &[Kind::Text, Kind::Text, Kind::Text, Kind::Int])
+            .await?
+            .iter()
+            .map(|r| ResourceStatus {
+                id: r.text(0),
+                account_id: r.text(1),
+                mode: r.text(2),
+                state: if r.opt_int(3).is_some_and(|d| d <= as_of) { "deleted" } else { "running" }.to_string(),
+                expires_on: None,
+            })
+            .collect();
+        let jobs = self
+            .db
+            .rows(
+                "SELECT CASE WHEN job LIKE 'settle-hour:%' THEN 'settle-hour' ELSE job END AS j, MAX(scheduled_at), COUNT(*), \
+                 SUM(CASE WHEN outcome = 'ok' THEN 0 ELSE 1 END) FROM job_runs GROUP BY j ORDER BY j",
+                vec![],
+                &[Kind::Text, Kind::Int, Kind::Int, Kind::Int],
+            )
+            .await?;
+        let mut job_status = Vec::new();
+        for r in &jobs {
+            let job = r.text(0);
+            let last = r.int(1);
+            let outcome = self
+                .db
+                .rows(
+                    "SELECT outcome FROM job_runs WHERE (job = $1 OR ($1 = 'settle-hour' AND job LIKE 'settle-hour:%')) AND scheduled_at = $2 LIMIT 1",
+                    vec![job.clone().into(), last.into()],
+                    &[Kind::Text],
+                )
+                .await?
+                .first()
+                .map(|r| r.text(0))
+                .unwrap_or_default();
+            job_status.push(JobStatus { job, last_scheduled_at: Some(self.fmt(last)), last_outcome: Some(outcome), runs: r.int(2), failures: r.int(3) });
+        }
+        if !job_status.iter().any(|j| j.job == SETTLE_JOB) {
+            job_status.insert(0, JobStatus { job: SETTLE_JOB.into(), last_scheduled_at: None, last_outcome: None, runs: 0, failures: 0 });
+        }
+        let st = settle_job::state(&self.db).await?;
+        let dirty = self.db.rows("SELECT COUNT(*) FROM dirty_hours", vec![], &[Kind::Int]).await?[0].int(0);
+        Ok(Status {
+            as_of: self.fmt(as_of),
+            timezone: self.zone.name(),
+            accounts,
+            resources,
+            jobs: job_status,
+            settle: SettleStatus {
+                last_hour_settled: st.watermark.map(|t| self.fmt(t)),
+                next_run: settle_job::next_run(&self.zone, &self.settle, &st).map(|t| self.fmt(t)),
+                hours_awaiting_resettlement: dirty,
+            },
+        })
+    }
+
+    pub async fn notifications(&self, account: Option<&str>) -> Result<Vec<serde_json::Value>> {
+        let rows = self
+            .db
+            .rows(
+                "SELECT kind, account_id, resource_id, at, days_before, expires_on, reason, delivery FROM notifications \
+                 WHERE ($1 = '' OR account_id = $1) ORDER BY at, id",
+                vec![account.unwrap_or("").into()],
+                &[Kind::Text, Kind::Text, Kind::Text, Kind::Int, Kind::Int, Kind::Text, Kind::Text, Kind::Text],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                json!({"kind": r.text(0), "account_id": r.text(1), "resource_id": r.opt_text(2), "at": self.fmt(r.int(3)),
+                       "days_before": r.opt_int(4), "expires_on": r.opt_text(5), "reason": r.opt_text(6), "delivery": r.text(7)})
+            })
+            .collect())
+    }
+}
+
+/// Parses an instant given on the command line, naming the flag on error.
+pub fn cli_instant(flag: &str, s: &str) -> Result<i64, InputError> {
+    parse_instant(s).map_err(|e| InputError(format!("{flag}: {e}")))
+}
+
+#[derive(Debug, Serialize)]
+pub struct AccountStatus {
+    pub id: String,
+    pub balance: String,
+    pub in_arrears_since: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ResourceStatus {
+    pub id: String,
+    pub account_id: String,
+    pub mode: String,
+    pub state: String,
+    pub expires_on: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobStatus {
+    pub job: String,
+    pub last_scheduled_at: Option<String>,
+    pub last_outcome: Option<String>,
+    pub runs: i64,
+    pub failures: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SettleStatus {
+    pub last_hour_settled: Option<String>,
+    pub next_run: Option<String>,
+    pub hours_awaiting_resettlement: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub as_of: String,
+    pub timezone: String,
+    pub accounts: Vec<AccountStatus>,
+    pub resources: Vec<ResourceStatus>,
+    pub jobs: Vec<JobStatus>,
+    pub settle: SettleStatus,
+}
+
+pub struct Explanation {
+    pub text: String,
+    pub json: serde_json::Value,
+}
+
+fn run_label(b: &Billing, l: &LedgerLine) -> String {
+    match l.run_job.strip_prefix("settle-hour:") {
+        Some(hour) => format!("settle --hour {hour} --at {}", b.fmt(l.run_at)),
+        None => format!("{} run scheduled at {}", l.run_job, b.fmt(l.run_at)),
+    }
+}
+
+fn explain_text(b: &Billing, l: &LedgerLine, inputs: &serde_json::Value) -> String {
+    let mut s = String::new();
+    let hour = l.hour_start.map(|h| format!(", billing hour {} to {}", b.fmt(h), b.fmt(b.zone.next_hour(h)))).unwrap_or_default();
+    s.push_str(&format!("{} — {} line of {} posted at {}\n", l.transaction_id, l.transaction_type.as_str(), l.account_id, b.fmt(l.transaction_time)));
+    s.push_str(&format!(
+        "resource {} ({} plan {}, {}), item {}{}\n",
+        l.resource_id,
+        l.product,
+        l.plan_id,
+        l.billing_mode.as_str(),
+        l.billing_item.as_deref().unwrap_or("-"),
+        hour
+    ));
+    let corrected = inputs.get("corrected");
+    if let Some(posted) = inputs.get("posted") {
+        s.push_str(&format!(
+            "already posted for this hour: {} line(s), {} s, list {}, due {}\n",
+            posted["lines"], posted["seconds"], posted["list_amount"].as_str().unwrap_or(""), posted["amount_due"].as_str().unwrap_or("")
+        ));
+    }
+    let usage = corrected.unwrap_or(inputs);
+    if let Some(intervals) = usage.get("intervals").and_then(|v| v.as_array()) {
+        s.push_str(if corrected.is_some() { "use inside the hour, corrected data:\n" } else { "use inside the hour:\n" });
+        for i in intervals {
+            s.push_str(&format!(
+                "  {} to {}: {} s ({})\n",
+                b.fmt(i["from"].as_i64().unwrap_or(0)),
+                b.fmt(i["to"].as_i64().unwrap_or(0)),
+                i["seconds"],
+                i["source"].as_str().unwrap_or("")
+            ));
+        }
+        let label = if corrected.is_some() { "a first settlement of the corrected data" } else { "formula" };
+        s.push_str(&format!("{label}: {}\n", usage["formula"].as_str().unwrap_or("")));
+    }
+    if corrected.is_some() || inputs.get("posted").is_some() {
+        s.push_str(&format!("list amount: {}\n", inputs["formula"].as_str().unwrap_or("")));
+        if let Some(f) = inputs.get("due_formula").and_then(|v| v.as_str()) {
+            s.push_str(&format!("amount due: {f}\n"));
+        }
+    }
+    s.push_str(&format!(
+        "list amount {} (rounded half-up to 8 places); amount due {} (truncated toward zero to cents); truncated {} stays on the bill\n",
+        fmt_amount(l.list_amount),
+        fmt_cents(l.amount_due),
+        fmt_amount(l.truncated_amount)
+    ));
+    s.push_str(&format!(
+        "paid {} from the balance, arrears {}, balance after {} {}\n",
+        fmt_cents(l.paid_amount),
+        fmt_cents(l.arrears_amount),
+        fmt_cents(l.balance_after),
+        l.currency
+    ));
+    s.push_str(&format!("posted by: {}\n", run_label(b, l)));
+    s
+}
+
+fn explain_json(b: &Billing, l: &LedgerLine, inputs: serde_json::Value) -> serde_json::Value {
+    let record = crate::export::record(&b.zone, l);
+    let line: serde_json::Map<String, serde_json::Value> =
+        crate::export::COLUMNS.iter().zip(record.iter()).map(|(k, v)| (k.to_string(), json!(v))).collect();
+    json!({
+        "transaction_id": l.transaction_id,
+        "line": line,
+        "inputs": inputs,
+        "run": {"job": l.run_job, "scheduled_at": b.fmt(l.run_at), "label": run_label(b, l)},
+    })
+}

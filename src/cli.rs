@@ -1,0 +1,260 @@
+//! Command line (SPEC section 5). Each command calls one library function of `app`.
+
+use crate::app::{cli_instant, Billing};
+use crate::clock;
+use crate::config::Config;
+use crate::store::ledger::ExportFilter;
+use crate::store::schema;
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "billrun", version, about = "Hourly pay-per-use settlement and transaction bills for a cloud provider")]
+pub struct Cli {
+    /// sqlite://PATH (default sqlite://billrun.db, created if missing) or postgres://USER@HOST/DB
+    #[arg(long, env = "BILLRUN_DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Billing time zone: IANA name (Asia/Shanghai) or fixed offset (+08:00); stored on first use
+    #[arg(long, env = "BILLRUN_TIMEZONE", global = true)]
+    pub timezone: Option<String>,
+    /// TOML file with database_url, timezone, settlement_delay_seconds
+    #[arg(long, env = "BILLRUN_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Log format on stderr
+    #[arg(long, global = true, value_parser = ["human", "json"], default_value = "human")]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// A first run: fresh SQLite database in DIR, loads the demo world, ticks through it, writes DIR/bills.csv
+    Demo {
+        #[arg(long, default_value = "demo")]
+        dir: PathBuf,
+    },
+    /// Create or upgrade the schema
+    Migrate,
+    /// Load fixture documents, all or nothing
+    Load {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run every job due up to --now (default: the current time), oldest first, then exit
+    Tick {
+        #[arg(long)]
+        now: Option<String>,
+    },
+    /// The daemon: catches up, then runs each job when due, until SIGTERM/SIGINT
+    Run {
+        /// Seconds between checks for due runs
+        #[arg(long, default_value_t = 30)]
+        poll_seconds: u64,
+    },
+    /// One-off (re)settlement of the billing hour that starts at --hour
+    Settle {
+        #[arg(long)]
+        hour: String,
+        /// Transaction time of what it posts (default: now)
+        #[arg(long)]
+        at: Option<String>,
+        /// Show what would be posted; change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Credit an account
+    Topup {
+        account: String,
+        amount: String,
+        #[arg(long)]
+        at: Option<String>,
+    },
+    /// Transaction bills CSV, by transaction_time in [from, to)
+    Export {
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// How one bill line came to be
+    Explain {
+        transaction_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The notification outbox
+    Notifications {
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Job watermarks, last runs, accounts in arrears, resources by state
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn at_or_now(flag: &str, v: &Option<String>) -> Result<i64> {
+    Ok(match v {
+        Some(s) => cli_instant(flag, s)?,
+        None => clock::wall_now(),
+    })
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    if let Command::Demo { dir } = &cli.command {
+        return crate::demo::run(dir).await;
+    }
+    let cfg = Config::resolve(cli.database_url.clone(), cli.timezone.clone(), cli.config.as_deref())?;
+    if let Command::Migrate = cli.command {
+        let db = crate::store::db::Db::connect(&cfg.database_url).await?;
+        let v = schema::migrate(&db).await?;
+        schema::billing_zone(&db, cfg.timezone.as_ref()).await?;
+        println!("schema at version {v}");
+        return Ok(());
+    }
+    let b = Billing::open(&cfg).await?;
+    match cli.command {
+        Command::Demo { .. } | Command::Migrate => unreachable!("handled above"),
+        Command::Load { files } => {
+            let s = b.load_files(&files).await?;
+            println!(
+                "loaded {} accounts, {} plans, {} resources, {} usage records ({} corrections), {} top-ups; {} settled hours marked for re-settlement",
+                s.accounts, s.plans, s.resources, s.usage, s.corrected_readings, s.topups, s.hours_marked_for_resettlement
+            );
+        }
+        Command::Tick { now } => {
+            let now = at_or_now("--now", &now)?;
+            let total = b
+                .tick(now, |at, out| {
+                    if !out.lines.is_empty() {
+                        tracing::info!(run = %b.fmt(at), hours = out.hours.len(), lines = out.lines.len(), amount_due = %out.amount_due, "settled");
+                    }
+                })
+                .await?;
+            println!(
+                "tick to {}: {} settle runs, {} lines, {} due{}",
+                b.fmt(now),
+                total.runs,
+                total.lines,
+                crate::billing::money::fmt_cents(total.amount_due),
+                if total.skipped > 0 { format!(", {} runs already done by another runner", total.skipped) } else { String::new() }
+            );
+        }
+        Command::Run { poll_seconds } => crate::daemon::run(&b, poll_seconds).await?,
+        Command::Settle { hour, at, dry_run } => {
+            let hour = cli_instant("--hour", &hour)?;
+            let at = at_or_now("--at", &at)?;
+            let out = b.settle_hour(hour, at, dry_run).await?;
+            let verb = if dry_run { "would post" } else { "posted" };
+            if out.skipped {
+                println!("settle --hour {} --at {}: already run", b.fmt(hour), b.fmt(at));
+            } else if out.lines.is_empty() {
+                println!("hour {}: nothing to post, the ledger already matches the data", b.fmt(hour));
+            } else {
+                println!("hour {}: {verb} {} lines, {} due", b.fmt(hour), out.lines.len(), crate::billing::money::fmt_cents(out.amount_due));
+                for l in &out.lines {
+                    println!(
+                        "  {} {} {} {} {} s list {} due {}",
+                        l.transaction_id,
+                        l.transaction_type.as_str(),
+                        l.resource_id,
+                        l.billing_item.as_deref().unwrap_or(""),
+                        l.usage_seconds.unwrap_or(0),
+                        crate::billing::money::fmt_amount(l.list_amount),
+                        crate::billing::money::fmt_cents(l.amount_due)
+                    );
+                }
+            }
+        }
+        Command::Topup { account, amount, at } => {
+            let at = at_or_now("--at", &at)?;
+            let after = b.topup(&account, &amount, at).await?;
+            println!("{account}: balance {after} after top-up at {}", b.fmt(at));
+        }
+        Command::Export { from, to, account, out } => {
+            let filter = ExportFilter {
+                from: from.map(|s| cli_instant("--from", &s)).transpose()?,
+                to: to.map(|s| cli_instant("--to", &s)).transpose()?,
+                account,
+            };
+            let n = match out {
+                Some(path) => {
+                    // write next to the target and rename, so a failed export never leaves half a file
+                    let tmp = path.with_extension("csv.partial");
+                    let f = std::fs::File::create(&tmp).with_context(|| format!("--out {}", tmp.display()))?;
+                    let n = b.export(&filter, std::io::BufWriter::new(f)).await?;
+                    std::fs::rename(&tmp, &path).with_context(|| format!("--out {}", path.display()))?;
+                    n
+                }
+                None => b.export(&filter, std::io::stdout().lock()).await?,
+            };
+            tracing::info!(rows = n, "exported");
+        }
+        Command::Explain { transaction_id, json } => {
+            let e = b.explain(&transaction_id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&e.json)?);
+            } else {
+                print!("{}", e.text);
+            }
+        }
+        Command::Notifications { account, json } => {
+            let list = b.notifications(account.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for n in &list {
+                    println!("{} {} {} {}", n["at"].as_str().unwrap_or(""), n["kind"].as_str().unwrap_or(""), n["account_id"].as_str().unwrap_or(""), n["delivery"].as_str().unwrap_or(""));
+                }
+            }
+        }
+        Command::Status { json } => {
+            let s = b.status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_status(&s);
+            }
+        }
+    }
+    b.db.close().await;
+    Ok(())
+}
+
+fn print_status(s: &crate::app::Status) {
+    println!("as of {} ({})", s.as_of, s.timezone);
+    println!("jobs:");
+    for j in &s.jobs {
+        println!(
+            "  {:<12} last run {:<26} outcome {:<8} runs {} failures {}",
+            j.job,
+            j.last_scheduled_at.as_deref().unwrap_or("never"),
+            j.last_outcome.as_deref().unwrap_or("-"),
+            j.runs,
+            j.failures
+        );
+    }
+    println!(
+        "settle: last hour settled {}, next run {}, {} hours awaiting re-settlement",
+        s.settle.last_hour_settled.as_deref().unwrap_or("none"),
+        s.settle.next_run.as_deref().unwrap_or("none (nothing loaded)"),
+        s.settle.hours_awaiting_resettlement
+    );
+    println!("accounts:");
+    for a in &s.accounts {
+        println!("  {:<16} balance {:>12}{}", a.id, a.balance, a.in_arrears_since.as_ref().map(|t| format!("  in arrears since {t}")).unwrap_or_default());
+    }
+    println!("resources:");
+    for r in &s.resources {
+        println!("  {:<16} {:<16} {:<12} {}", r.id, r.account_id, r.mode, r.state);
+    }
+}

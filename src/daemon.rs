@@ -1,0 +1,62 @@
+//! `billrun run`: catch up, then run each job when it falls due, until SIGTERM or SIGINT. A signal
+//! lets the current run (one transaction) finish or roll back, then the process exits 0.
+
+use crate::app::Billing;
+use crate::clock;
+use crate::jobs::settle as settle_job;
+use anyhow::Result;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return ctrl_c.await.unwrap_or(()),
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await.unwrap_or(());
+}
+
+pub async fn run(b: &Billing, poll_seconds: u64) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let wake = Arc::new(Notify::new());
+    {
+        let (stop, wake) = (stop.clone(), wake.clone());
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown requested: finishing the current run");
+            stop.store(true, Ordering::SeqCst);
+            wake.notify_one();
+        });
+    }
+    tracing::info!(zone = %b.zone, "billrun daemon started");
+    while !stop.load(Ordering::SeqCst) {
+        let now = clock::wall_now();
+        match settle_job::run_next(&b.db, &b.zone, &b.settle, now).await {
+            Ok(Some((at, out))) => {
+                tracing::info!(run = %b.fmt(at), hours = out.hours.len(), lines = out.lines.len(), amount_due = %out.amount_due, skipped = out.skipped, "settle run");
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "settle run failed; retrying"),
+        }
+        let next = settle_job::next_due(&b.db, &b.zone, &b.settle).await.ok().flatten();
+        let wait = next.map(|t| (t - clock::wall_now()).clamp(1, poll_seconds as i64) as u64).unwrap_or(poll_seconds);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(wait)) => {}
+            _ = wake.notified() => {}
+        }
+    }
+    tracing::info!("billrun daemon stopped");
+    Ok(())
+}
