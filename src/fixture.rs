@@ -214,6 +214,9 @@ pub fn parse_decimal(s: &str, max_dp: u32) -> Result<Decimal, String> {
     if !digits(int) || (body.contains('.') && !digits(frac)) {
         return Err(format!("`{s}` is not a decimal number (write it like \"12.50\")"));
     }
+    if int.trim_start_matches('0').len() > 9 {
+        return Err(format!("`{s}` is too large (the limit is {MAX_MAGNITUDE})"));
+    }
     if frac.len() as u32 > max_dp {
         return Err(format!("`{s}` has {} decimal places; at most {max_dp} are allowed", frac.len()));
     }
