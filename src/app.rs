@@ -29,7 +29,11 @@ impl Billing {
         let db = Db::connect(&cfg.database_url).await?;
         schema::migrate(&db).await.context("migrating the schema")?;
         let zone = schema::billing_zone(&db, cfg.timezone.as_ref()).await?;
-        Ok(Billing { db, zone, settle: cfg.settle })
+        Ok(Billing {
+            db,
+            zone,
+            settle: cfg.settle,
+        })
     }
 
     pub fn fmt(&self, t: i64) -> String {
@@ -81,12 +85,23 @@ impl Billing {
     /// One-off (re)settlement of the hour starting at `hour`, posted at `at`.
     pub async fn settle_hour(&self, hour: i64, at: i64, dry_run: bool) -> Result<SettleOutcome> {
         if self.zone.hour_start(hour) != hour {
-            return Err(InputError(format!("--hour: {} is not the start of a billing hour in {}", self.fmt(hour), self.zone)).into());
+            return Err(InputError(format!(
+                "--hour: {} is not the start of a billing hour in {}",
+                self.fmt(hour),
+                self.zone
+            ))
+            .into());
         }
         if self.zone.next_hour(hour) > at {
             return Err(InputError(format!("--hour: the hour {} has not ended by {}", self.fmt(hour), self.fmt(at))).into());
         }
-        let run = SettleRun { job: format!("settle-hour:{}", self.fmt(hour)), at, hours: vec![hour], scheduled: false, dry_run };
+        let run = SettleRun {
+            job: format!("settle-hour:{}", self.fmt(hour)),
+            at,
+            hours: vec![hour],
+            scheduled: false,
+            dry_run,
+        };
         settle(&self.db, &self.zone, &run).await
     }
 
@@ -104,14 +119,22 @@ impl Billing {
 
     /// How one bill line came to be.
     pub async fn explain(&self, transaction_id: &str) -> Result<Explanation> {
-        let line = ledger::line(&self.db, transaction_id).await?.ok_or_else(|| InputError(format!("TRANSACTION_ID: no transaction {transaction_id:?}")))?;
+        let line = ledger::line(&self.db, transaction_id)
+            .await?
+            .ok_or_else(|| InputError(format!("TRANSACTION_ID: no transaction {transaction_id:?}")))?;
         let inputs: serde_json::Value = serde_json::from_str(&line.explain).context("stored explanation")?;
-        Ok(Explanation { text: explain_text(self, &line, &inputs), json: explain_json(self, &line, inputs) })
+        Ok(Explanation {
+            text: explain_text(self, &line, &inputs),
+            json: explain_json(self, &line, inputs),
+        })
     }
 
     /// The instant `status` describes: the last `tick --now`, else the wall clock.
     pub async fn as_of(&self) -> Result<i64> {
-        let r = self.db.rows("SELECT value FROM meta WHERE key = 'last_tick_now'", vec![], &[Kind::Text]).await?;
+        let r = self
+            .db
+            .rows("SELECT value FROM meta WHERE key = 'last_tick_now'", vec![], &[Kind::Text])
+            .await?;
         Ok(match r.first() {
             Some(r) => r.text(0).parse()?,
             None => crate::clock::wall_now(),
@@ -122,21 +145,38 @@ impl Billing {
         let as_of = self.as_of().await?;
         let accounts = self
             .db
-            .rows("SELECT id, balance, in_arrears_since FROM accounts ORDER BY id", vec![], &[Kind::Text, Kind::Money, Kind::Int])
+            .rows(
+                "SELECT id, balance, in_arrears_since FROM accounts ORDER BY id",
+                vec![],
+                &[Kind::Text, Kind::Money, Kind::Int],
+            )
             .await?
             .iter()
-            .map(|r| AccountStatus { id: r.text(0), balance: fmt_cents(r.money(1)), in_arrears_since: r.opt_int(2).map(|t| self.fmt(t)) })
+            .map(|r| AccountStatus {
+                id: r.text(0),
+                balance: fmt_cents(r.money(1)),
+                in_arrears_since: r.opt_int(2).map(|t| self.fmt(t)),
+            })
             .collect();
         let resources = self
             .db
-            .rows("SELECT id, account_id, mode, deleted_at FROM resources ORDER BY id", vec![], &[Kind::Text, Kind::Text, Kind::Text, Kind::Int])
+            .rows(
+                "SELECT id, account_id, mode, deleted_at FROM resources ORDER BY id",
+                vec![],
+                &[Kind::Text, Kind::Text, Kind::Text, Kind::Int],
+            )
             .await?
             .iter()
             .map(|r| ResourceStatus {
                 id: r.text(0),
                 account_id: r.text(1),
                 mode: r.text(2),
-                state: if r.opt_int(3).is_some_and(|d| d <= as_of) { "deleted" } else { "running" }.to_string(),
+                state: if r.opt_int(3).is_some_and(|d| d <= as_of) {
+                    "deleted"
+                } else {
+                    "running"
+                }
+                .to_string(),
                 expires_on: None,
             })
             .collect();
@@ -164,10 +204,25 @@ impl Billing {
                 .first()
                 .map(|r| r.text(0))
                 .unwrap_or_default();
-            job_status.push(JobStatus { job, last_scheduled_at: Some(self.fmt(last)), last_outcome: Some(outcome), runs: r.int(2), failures: r.int(3) });
+            job_status.push(JobStatus {
+                job,
+                last_scheduled_at: Some(self.fmt(last)),
+                last_outcome: Some(outcome),
+                runs: r.int(2),
+                failures: r.int(3),
+            });
         }
         if !job_status.iter().any(|j| j.job == SETTLE_JOB) {
-            job_status.insert(0, JobStatus { job: SETTLE_JOB.into(), last_scheduled_at: None, last_outcome: None, runs: 0, failures: 0 });
+            job_status.insert(
+                0,
+                JobStatus {
+                    job: SETTLE_JOB.into(),
+                    last_scheduled_at: None,
+                    last_outcome: None,
+                    runs: 0,
+                    failures: 0,
+                },
+            );
         }
         let st = settle_job::state(&self.db).await?;
         let dirty = self.db.rows("SELECT COUNT(*) FROM dirty_hours", vec![], &[Kind::Int]).await?[0].int(0);
@@ -192,7 +247,16 @@ impl Billing {
                 "SELECT kind, account_id, resource_id, at, days_before, expires_on, reason, delivery FROM notifications \
                  WHERE ($1 = '' OR account_id = $1) ORDER BY at, id",
                 vec![account.unwrap_or("").into()],
-                &[Kind::Text, Kind::Text, Kind::Text, Kind::Int, Kind::Int, Kind::Text, Kind::Text, Kind::Text],
+                &[
+                    Kind::Text,
+                    Kind::Text,
+                    Kind::Text,
+                    Kind::Int,
+                    Kind::Int,
+                    Kind::Text,
+                    Kind::Text,
+                    Kind::Text,
+                ],
             )
             .await?;
         Ok(rows
@@ -266,8 +330,17 @@ fn run_label(b: &Billing, l: &LedgerLine) -> String {
 
 fn explain_text(b: &Billing, l: &LedgerLine, inputs: &serde_json::Value) -> String {
     let mut s = String::new();
-    let hour = l.hour_start.map(|h| format!(", billing hour {} to {}", b.fmt(h), b.fmt(b.zone.next_hour(h)))).unwrap_or_default();
-    s.push_str(&format!("{} — {} line of {} posted at {}\n", l.transaction_id, l.transaction_type.as_str(), l.account_id, b.fmt(l.transaction_time)));
+    let hour = l
+        .hour_start
+        .map(|h| format!(", billing hour {} to {}", b.fmt(h), b.fmt(b.zone.next_hour(h))))
+        .unwrap_or_default();
+    s.push_str(&format!(
+        "{} — {} line of {} posted at {}\n",
+        l.transaction_id,
+        l.transaction_type.as_str(),
+        l.account_id,
+        b.fmt(l.transaction_time)
+    ));
     s.push_str(&format!(
         "resource {} ({} plan {}, {}), item {}{}\n",
         l.resource_id,
@@ -281,12 +354,19 @@ fn explain_text(b: &Billing, l: &LedgerLine, inputs: &serde_json::Value) -> Stri
     if let Some(posted) = inputs.get("posted") {
         s.push_str(&format!(
             "already posted for this hour: {} line(s), {} s, list {}, due {}\n",
-            posted["lines"], posted["seconds"], posted["list_amount"].as_str().unwrap_or(""), posted["amount_due"].as_str().unwrap_or("")
+            posted["lines"],
+            posted["seconds"],
+            posted["list_amount"].as_str().unwrap_or(""),
+            posted["amount_due"].as_str().unwrap_or("")
         ));
     }
     let usage = corrected.unwrap_or(inputs);
     if let Some(intervals) = usage.get("intervals").and_then(|v| v.as_array()) {
-        s.push_str(if corrected.is_some() { "use inside the hour, corrected data:\n" } else { "use inside the hour:\n" });
+        s.push_str(if corrected.is_some() {
+            "use inside the hour, corrected data:\n"
+        } else {
+            "use inside the hour:\n"
+        });
         for i in intervals {
             s.push_str(&format!(
                 "  {} to {}: {} s ({})\n",
@@ -296,7 +376,11 @@ fn explain_text(b: &Billing, l: &LedgerLine, inputs: &serde_json::Value) -> Stri
                 i["source"].as_str().unwrap_or("")
             ));
         }
-        let label = if corrected.is_some() { "a first settlement of the corrected data" } else { "formula" };
+        let label = if corrected.is_some() {
+            "a first settlement of the corrected data"
+        } else {
+            "formula"
+        };
         s.push_str(&format!("{label}: {}\n", usage["formula"].as_str().unwrap_or("")));
     }
     if corrected.is_some() || inputs.get("posted").is_some() {
@@ -324,8 +408,11 @@ fn explain_text(b: &Billing, l: &LedgerLine, inputs: &serde_json::Value) -> Stri
 
 fn explain_json(b: &Billing, l: &LedgerLine, inputs: serde_json::Value) -> serde_json::Value {
     let record = crate::export::record(&b.zone, l);
-    let line: serde_json::Map<String, serde_json::Value> =
-        crate::export::COLUMNS.iter().zip(record.iter()).map(|(k, v)| (k.to_string(), json!(v))).collect();
+    let line: serde_json::Map<String, serde_json::Value> = crate::export::COLUMNS
+        .iter()
+        .zip(record.iter())
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
     json!({
         "transaction_id": l.transaction_id,
         "line": line,

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "billrun", version, about = "Hourly pay-per-use settlement and transaction bills for a cloud provider")]
+#[command(
+    name = "billrun",
+    version,
+    about = "Hourly pay-per-use settlement and transaction bills for a cloud provider"
+)]
 pub struct Cli {
     /// sqlite://PATH (default sqlite://billrun.db, created if missing) or postgres://USER@HOST/DB
     #[arg(long, env = "BILLRUN_DATABASE_URL", global = true, hide_env_values = true)]
@@ -146,7 +150,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                 total.runs,
                 total.lines,
                 crate::billing::money::fmt_cents(total.amount_due),
-                if total.skipped > 0 { format!(", {} runs already done by another runner", total.skipped) } else { String::new() }
+                if total.skipped > 0 {
+                    format!(", {} runs already done by another runner", total.skipped)
+                } else {
+                    String::new()
+                }
             );
         }
         Command::Run { poll_seconds } => crate::daemon::run(&b, poll_seconds).await?,
@@ -160,7 +168,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             } else if out.lines.is_empty() {
                 println!("hour {}: nothing to post, the ledger already matches the data", b.fmt(hour));
             } else {
-                println!("hour {}: {verb} {} lines, {} due", b.fmt(hour), out.lines.len(), crate::billing::money::fmt_cents(out.amount_due));
+                println!(
+                    "hour {}: {verb} {} lines, {} due",
+                    b.fmt(hour),
+                    out.lines.len(),
+                    crate::billing::money::fmt_cents(out.amount_due)
+                );
                 for l in &out.lines {
                     println!(
                         "  {} {} {} {} {} s list {} due {}",
@@ -213,7 +226,13 @@ pub async fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for n in &list {
-                    println!("{} {} {} {}", n["at"].as_str().unwrap_or(""), n["kind"].as_str().unwrap_or(""), n["account_id"].as_str().unwrap_or(""), n["delivery"].as_str().unwrap_or(""));
+                    println!(
+                        "{} {} {} {}",
+                        n["at"].as_str().unwrap_or(""),
+                        n["kind"].as_str().unwrap_or(""),
+                        n["account_id"].as_str().unwrap_or(""),
+                        n["delivery"].as_str().unwrap_or("")
+                    );
                 }
             }
         }
@@ -251,7 +270,15 @@ fn print_status(s: &crate::app::Status) {
     );
     println!("accounts:");
     for a in &s.accounts {
-        println!("  {:<16} balance {:>12}{}", a.id, a.balance, a.in_arrears_since.as_ref().map(|t| format!("  in arrears since {t}")).unwrap_or_default());
+        println!(
+            "  {:<16} balance {:>12}{}",
+            a.id,
+            a.balance,
+            a.in_arrears_since
+                .as_ref()
+                .map(|t| format!("  in arrears since {t}"))
+                .unwrap_or_default()
+        );
     }
     println!("resources:");
     for r in &s.resources {

@@ -51,7 +51,9 @@ pub async fn run(b: &Billing, poll_seconds: u64) -> Result<()> {
             Err(e) => tracing::error!(error = %format!("{e:#}"), "settle run failed; retrying"),
         }
         let next = settle_job::next_due(&b.db, &b.zone, &b.settle).await.ok().flatten();
-        let wait = next.map(|t| (t - clock::wall_now()).clamp(1, poll_seconds as i64) as u64).unwrap_or(poll_seconds);
+        let wait = next
+            .map(|t| (t - clock::wall_now()).clamp(1, poll_seconds as i64) as u64)
+            .unwrap_or(poll_seconds);
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(wait)) => {}
             _ = wake.notified() => {}

@@ -9,9 +9,27 @@ use anyhow::Result;
 use std::io::Write;
 
 pub const COLUMNS: [&str; 21] = [
-    "transaction_id", "transaction_time", "account_id", "resource_id", "product", "plan_id", "billing_mode",
-    "transaction_type", "billing_item", "period_start", "period_end", "usage_seconds", "quantity", "unit_price",
-    "list_amount", "truncated_amount", "amount_due", "paid_amount", "arrears_amount", "balance_after", "currency",
+    "transaction_id",
+    "transaction_time",
+    "account_id",
+    "resource_id",
+    "product",
+    "plan_id",
+    "billing_mode",
+    "transaction_type",
+    "billing_item",
+    "period_start",
+    "period_end",
+    "usage_seconds",
+    "quantity",
+    "unit_price",
+    "list_amount",
+    "truncated_amount",
+    "amount_due",
+    "paid_amount",
+    "arrears_amount",
+    "balance_after",
+    "currency",
 ];
 
 /// A text cell a spreadsheet would run as a formula gets a leading `'`.
@@ -36,10 +54,18 @@ pub fn record(zone: &BillingZone, l: &LedgerLine) -> [String; 21] {
         text_cell(&l.plan_id),
         l.billing_mode.as_str().to_string(),
         l.transaction_type.as_str().to_string(),
-        if metered { text_cell(l.billing_item.as_deref().unwrap_or("")) } else { String::new() },
+        if metered {
+            text_cell(l.billing_item.as_deref().unwrap_or(""))
+        } else {
+            String::new()
+        },
         zone.format(l.period_start),
         zone.format(l.period_end),
-        if metered { l.usage_seconds.map(|s| s.to_string()).unwrap_or_default() } else { String::new() },
+        if metered {
+            l.usage_seconds.map(|s| s.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        },
         fmt_plain(l.quantity),
         fmt_plain(l.unit_price),
         fmt_amount(l.list_amount),

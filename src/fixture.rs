@@ -179,7 +179,13 @@ impl Known {
         for r in &b.resources {
             self.resources.insert(
                 r.id.clone(),
-                KnownResource { account_id: r.account_id.clone(), plan_id: r.plan_id.clone(), mode: r.mode, created_at: r.created_at, deleted_at: r.deleted_at },
+                KnownResource {
+                    account_id: r.account_id.clone(),
+                    plan_id: r.plan_id.clone(),
+                    mode: r.mode,
+                    created_at: r.created_at,
+                    deleted_at: r.deleted_at,
+                },
             );
         }
     }
@@ -229,7 +235,11 @@ pub fn parse_decimal(s: &str, max_dp: u32) -> Result<Decimal, String> {
 
 fn check_id(record: &str, field: &str, id: &str) -> Result<(), InputError> {
     if id.is_empty() || id.chars().count() > 128 || id.chars().any(|c| c.is_control()) {
-        return Err(InputError::field(record, field, "must be 1 to 128 characters with no control characters"));
+        return Err(InputError::field(
+            record,
+            field,
+            "must be 1 to 128 characters with no control characters",
+        ));
     }
     Ok(())
 }
@@ -260,14 +270,24 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
         }
         let currency = a.currency.clone().unwrap_or_else(|| "USD".to_string());
         if currency.len() != 3 || !currency.bytes().all(|c| c.is_ascii_uppercase()) {
-            return Err(InputError::field(&r, "currency", format!("`{currency}` is not an ISO 4217 code like USD")));
+            return Err(InputError::field(
+                &r,
+                "currency",
+                format!("`{currency}` is not an ISO 4217 code like USD"),
+            ));
         }
         let days = |v: Option<i64>, f: &str| match v {
             None => Ok(15),
             Some(d) if (0..=3650).contains(&d) => Ok(d),
             Some(d) => Err(InputError::field(&r, f, format!("{d} is not between 0 and 3650"))),
         };
-        b.accounts.push(NewAccount { id: a.id.clone(), currency, balance, grace_days: days(a.grace_days, "grace_days")?, retention_days: days(a.retention_days, "retention_days")? });
+        b.accounts.push(NewAccount {
+            id: a.id.clone(),
+            currency,
+            balance,
+            grace_days: days(a.grace_days, "grace_days")?,
+            retention_days: days(a.retention_days, "retention_days")?,
+        });
     }
     let mut plans: HashMap<String, Plan> = known.plans.clone();
     for (i, p) in doc.plans.iter().enumerate() {
@@ -303,7 +323,11 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
                 .transpose()
         };
         if p.packages.is_some() {
-            return Err(InputError::field(&r, "packages", "prepaid packages are not supported by this version of billrun"));
+            return Err(InputError::field(
+                &r,
+                "packages",
+                "prepaid packages are not supported by this version of billrun",
+            ));
         }
         let plan = Plan {
             id: p.id.clone(),
@@ -330,9 +354,14 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
         let Some(plan) = plans.get(&x.plan) else {
             return Err(InputError::field(&r, "plan", format!("unknown plan {:?}", x.plan)));
         };
-        let mode = BillingMode::parse(&x.mode).ok_or_else(|| InputError::field(&r, "mode", format!("`{}` is not pay_per_use, monthly or yearly", x.mode)))?;
+        let mode = BillingMode::parse(&x.mode)
+            .ok_or_else(|| InputError::field(&r, "mode", format!("`{}` is not pay_per_use, monthly or yearly", x.mode)))?;
         if mode != BillingMode::PayPerUse {
-            return Err(InputError::field(&r, "mode", "yearly/monthly subscriptions are not supported by this version of billrun"));
+            return Err(InputError::field(
+                &r,
+                "mode",
+                "yearly/monthly subscriptions are not supported by this version of billrun",
+            ));
         }
         for (f, present) in [
             ("periods", x.periods.is_some()),
@@ -347,23 +376,52 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
         }
         let quantity = x.quantity.unwrap_or(1);
         if !(1..=MAX_MAGNITUDE).contains(&quantity) {
-            return Err(InputError::field(&r, "quantity", format!("{quantity} is not a whole number of instances from 1 to {MAX_MAGNITUDE}")));
+            return Err(InputError::field(
+                &r,
+                "quantity",
+                format!("{quantity} is not a whole number of instances from 1 to {MAX_MAGNITUDE}"),
+            ));
         }
         let created_at = match &x.created_at {
             None => return Err(InputError::field(&r, "created_at", "is required for a pay_per_use resource")),
             Some(s) => parse_instant(s).map_err(|e| InputError::field(&r, "created_at", e))?,
         };
-        let deleted_at = x.deleted_at.as_ref().map(|s| parse_instant(s).map_err(|e| InputError::field(&r, "deleted_at", e))).transpose()?;
+        let deleted_at = x
+            .deleted_at
+            .as_ref()
+            .map(|s| parse_instant(s).map_err(|e| InputError::field(&r, "deleted_at", e)))
+            .transpose()?;
         if let Some(d) = deleted_at {
             if d <= created_at {
                 return Err(InputError::field(&r, "deleted_at", "must be after created_at"));
             }
         }
         if plan.hourly.is_empty() && plan.per_unit.is_empty() {
-            return Err(InputError::field(&r, "plan", format!("plan {:?} has no pay-per-use prices", x.plan)));
+            return Err(InputError::field(
+                &r,
+                "plan",
+                format!("plan {:?} has no pay-per-use prices", x.plan),
+            ));
         }
-        resources.insert(x.id.clone(), KnownResource { account_id: x.account.clone(), plan_id: x.plan.clone(), mode, created_at, deleted_at });
-        b.resources.push(NewResource { id: x.id.clone(), account_id: x.account.clone(), plan_id: x.plan.clone(), mode, quantity, created_at, deleted_at });
+        resources.insert(
+            x.id.clone(),
+            KnownResource {
+                account_id: x.account.clone(),
+                plan_id: x.plan.clone(),
+                mode,
+                created_at,
+                deleted_at,
+            },
+        );
+        b.resources.push(NewResource {
+            id: x.id.clone(),
+            account_id: x.account.clone(),
+            plan_id: x.plan.clone(),
+            mode,
+            quantity,
+            created_at,
+            deleted_at,
+        });
     }
     let mut readings = HashSet::new();
     for (i, u) in doc.usage.iter().enumerate() {
@@ -373,13 +431,25 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
         };
         let plan = &plans[&res.plan_id];
         if u.at.is_some() {
-            return Err(InputError::field(&r, "at", "count-metered usage is not supported by this version of billrun"));
+            return Err(InputError::field(
+                &r,
+                "at",
+                "count-metered usage is not supported by this version of billrun",
+            ));
         }
         if u.item == crate::billing::settle::INSTANCE_ITEM {
-            return Err(InputError::field(&r, "item", "`instance` usage comes from the resource's lifetime, not from usage records"));
+            return Err(InputError::field(
+                &r,
+                "item",
+                "`instance` usage comes from the resource's lifetime, not from usage records",
+            ));
         }
         if !plan.hourly.contains_key(&u.item) {
-            return Err(InputError::field(&r, "item", format!("plan {:?} has no hourly price for `{}`", res.plan_id, u.item)));
+            return Err(InputError::field(
+                &r,
+                "item",
+                format!("plan {:?} has no hourly price for `{}`", res.plan_id, u.item),
+            ));
         }
         let quantity = parse_decimal(&u.quantity, MAX_DP).map_err(|e| InputError::field(&r, "quantity", e))?;
         if quantity < Decimal::ZERO {
@@ -397,12 +467,26 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
             return Err(InputError::field(&r, "to", "must be after from"));
         }
         if from < res.created_at || res.deleted_at.is_some_and(|d| to > d) {
-            return Err(InputError::field(&r, "from", format!("the segment lies outside resource {:?}'s lifetime", u.resource)));
+            return Err(InputError::field(
+                &r,
+                "from",
+                format!("the segment lies outside resource {:?}'s lifetime", u.resource),
+            ));
         }
         if !readings.insert((u.resource.clone(), u.item.clone(), from)) {
-            return Err(InputError::field(&r, "from", "a second reading for the same resource, item and from in one load"));
+            return Err(InputError::field(
+                &r,
+                "from",
+                "a second reading for the same resource, item and from in one load",
+            ));
         }
-        b.segments.push(NewSegment { resource_id: u.resource.clone(), item: u.item.clone(), quantity, from, to });
+        b.segments.push(NewSegment {
+            resource_id: u.resource.clone(),
+            item: u.item.clone(),
+            quantity,
+            from,
+            to,
+        });
     }
     for (i, t) in doc.topups.iter().enumerate() {
         let r = rec("topups", i, None);
@@ -414,10 +498,18 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
             return Err(InputError::field(&r, "amount", "a top-up must be positive"));
         }
         let at = parse_instant(&t.at).map_err(|e| InputError::field(&r, "at", e))?;
-        b.topups.push(NewTopup { account_id: t.account.clone(), amount, at });
+        b.topups.push(NewTopup {
+            account_id: t.account.clone(),
+            amount,
+            at,
+        });
     }
     if !doc.packages.is_empty() {
-        return Err(InputError::field("packages[0]", "package", "prepaid packages are not supported by this version of billrun"));
+        return Err(InputError::field(
+            "packages[0]",
+            "package",
+            "prepaid packages are not supported by this version of billrun",
+        ));
     }
     Ok(b)
 }
@@ -449,12 +541,19 @@ mod tests {
 
     #[test]
     fn rejections_name_the_record_and_field() {
-        assert!(err(r#"{"accounts": [{"id": "a", "colour": "red"}]}"#).contains("accounts[0].colour"), "{}", err(r#"{"accounts": [{"id": "a", "colour": "red"}]}"#));
+        assert!(
+            err(r#"{"accounts": [{"id": "a", "colour": "red"}]}"#).contains("accounts[0].colour"),
+            "{}",
+            err(r#"{"accounts": [{"id": "a", "colour": "red"}]}"#)
+        );
         assert!(err(r#"{"accounts": [{"id": "a", "balance": 5}]}"#).contains("accounts[0].balance"));
         assert!(err(r#"{"accounts": [{"id": "a"}, {"id": "a"}]}"#).contains("accounts[1] (id \"a\"): field `id`: duplicate"));
         assert!(err(r#"{"accounts": [{"id": "a", "balance": "NaN"}]}"#).contains("not a decimal"));
         assert!(err(r#"{"accounts": [{"id": "a", "balance": "1.005"}]}"#).contains("decimal places"));
-        let bad_deleted = DOC.replace(r#""created_at": "2024-02-01T09:00:00+08:00""#, r#""created_at": "2024-02-01T09:00:00+08:00", "deleted_at": "2024-02-01T08:00:00+08:00""#);
+        let bad_deleted = DOC.replace(
+            r#""created_at": "2024-02-01T09:00:00+08:00""#,
+            r#""created_at": "2024-02-01T09:00:00+08:00", "deleted_at": "2024-02-01T08:00:00+08:00""#,
+        );
         assert!(err(&bad_deleted).contains("resources[0] (id \"d1\"): field `deleted_at`: must be after created_at"));
         let naive = DOC.replace("2024-02-01T09:00:00+08:00", "2024-02-01T09:00:00");
         assert!(err(&naive).contains("no UTC offset"));
@@ -462,6 +561,7 @@ mod tests {
         assert!(err(&negative).contains("plans[0] (id \"drive\"): field `hourly.storage_gb`: a price may not be negative"));
         let unknown_ref = DOC.replace(r#""resource": "d1""#, r#""resource": "d9""#);
         assert!(err(&unknown_ref).contains("usage[0]: field `resource`: unknown resource \"d9\""));
-        assert!(err(&"[".repeat(200)).contains("recursion limit"));
+        let deep = format!("{{\"packages\": [{}{}]}}", "[".repeat(5000), "]".repeat(5000));
+        assert!(err(&deep).contains("recursion limit"), "{}", err(&deep));
     }
 }

@@ -1,10 +1,10 @@
 pub mod app;
 pub mod billing;
 pub mod cli;
-pub mod daemon;
-pub mod demo;
 pub mod clock;
 pub mod config;
+pub mod daemon;
+pub mod demo;
 pub mod error;
 pub mod export;
 pub mod fixture;

@@ -19,7 +19,9 @@ const PHONE: &str = r#"{
 }"#;
 
 fn line<'a>(rows: &'a [HashMap<String, String>], resource: &str, period_start: &str) -> &'a HashMap<String, String> {
-    rows.iter().find(|r| r["resource_id"] == resource && r["period_start"] == period_start).unwrap_or_else(|| panic!("no line for {resource} at {period_start}"))
+    rows.iter()
+        .find(|r| r["resource_id"] == resource && r["period_start"] == period_start)
+        .unwrap_or_else(|| panic!("no line for {resource} at {period_start}"))
 }
 
 #[tokio::test]
@@ -33,17 +35,44 @@ async fn koophone_examples_to_the_second_and_the_cent() {
         let first = line(&rows, "p1", "2023-04-18T09:59:30Z");
         assert_eq!(first["period_end"], "2023-04-18T10:00:00Z");
         assert_eq!(first["usage_seconds"], "30");
-        assert_eq!((first["list_amount"].as_str(), first["amount_due"].as_str(), first["truncated_amount"].as_str()), ("0.003", "0.00", "0.003"));
+        assert_eq!(
+            (
+                first["list_amount"].as_str(),
+                first["amount_due"].as_str(),
+                first["truncated_amount"].as_str()
+            ),
+            ("0.003", "0.00", "0.003")
+        );
         // the fees of 09:00-10:00 are deducted at 11:00:00
         assert_eq!(first["transaction_time"], "2023-04-18T11:00:00Z");
         let second = line(&rows, "p1", "2023-04-18T10:00:00Z");
-        assert_eq!((second["period_end"].as_str(), second["usage_seconds"].as_str()), ("2023-04-18T10:45:46Z", "2746"));
-        assert_eq!((second["list_amount"].as_str(), second["amount_due"].as_str(), second["truncated_amount"].as_str()), ("0.2746", "0.27", "0.0046"));
+        assert_eq!(
+            (second["period_end"].as_str(), second["usage_seconds"].as_str()),
+            ("2023-04-18T10:45:46Z", "2746")
+        );
+        assert_eq!(
+            (
+                second["list_amount"].as_str(),
+                second["amount_due"].as_str(),
+                second["truncated_amount"].as_str()
+            ),
+            ("0.2746", "0.27", "0.0046")
+        );
         let short = line(&rows, "p2", "2023-04-18T08:45:30Z");
-        assert_eq!((short["period_end"].as_str(), short["usage_seconds"].as_str(), short["amount_due"].as_str()), ("2023-04-18T08:55:30Z", "600", "0.06"));
+        assert_eq!(
+            (
+                short["period_end"].as_str(),
+                short["usage_seconds"].as_str(),
+                short["amount_due"].as_str()
+            ),
+            ("2023-04-18T08:55:30Z", "600", "0.06")
+        );
         assert_eq!(short["transaction_time"], "2023-04-18T10:00:00Z");
         for r in &rows {
-            assert_eq!((r["billing_mode"].as_str(), r["transaction_type"].as_str(), r["currency"].as_str()), ("pay_per_use", "usage", "USD"));
+            assert_eq!(
+                (r["billing_mode"].as_str(), r["transaction_type"].as_str(), r["currency"].as_str()),
+                ("pay_per_use", "usage", "USD")
+            );
             assert_eq!(dec(&r["amount_due"]) + dec(&r["truncated_amount"]), dec(&r["list_amount"]));
         }
         assert_eq!(rows.last().unwrap()["balance_after"], "99.67");
@@ -73,8 +102,23 @@ async fn koodrive_users_and_storage_in_utc_plus_8() {
         let users = rows.iter().find(|r| r["billing_item"] == "users").unwrap();
         let storage = rows.iter().find(|r| r["billing_item"] == "storage_gb").unwrap();
         // 5 users x 1 hour x 0.012 + 100 GB x 1 hour x 0.0001
-        assert_eq!((users["quantity"].as_str(), users["unit_price"].as_str(), users["list_amount"].as_str(), users["amount_due"].as_str()), ("5", "0.012", "0.06", "0.06"));
-        assert_eq!((storage["quantity"].as_str(), storage["list_amount"].as_str(), storage["amount_due"].as_str()), ("100", "0.01", "0.01"));
+        assert_eq!(
+            (
+                users["quantity"].as_str(),
+                users["unit_price"].as_str(),
+                users["list_amount"].as_str(),
+                users["amount_due"].as_str()
+            ),
+            ("5", "0.012", "0.06", "0.06")
+        );
+        assert_eq!(
+            (
+                storage["quantity"].as_str(),
+                storage["list_amount"].as_str(),
+                storage["amount_due"].as_str()
+            ),
+            ("100", "0.01", "0.01")
+        );
         assert_eq!(users["period_start"], "2024-02-01T10:00:00+08:00");
         assert_eq!(users["period_end"], "2024-02-01T11:00:00+08:00");
         assert_eq!(users["transaction_time"], "2024-02-01T12:00:00+08:00");
@@ -99,8 +143,22 @@ async fn the_hour_grid_is_local_in_a_half_hour_zone() {
         let rows = rows(&csv(&b).await);
         assert_eq!(rows.len(), 2, "{}", be.name);
         // local 15:30-16:00 and 16:00-16:30: the hours start at local full hours
-        assert_eq!((rows[0]["period_start"].as_str(), rows[0]["period_end"].as_str(), rows[0]["usage_seconds"].as_str()), ("2024-01-01T15:30:00+05:30", "2024-01-01T16:00:00+05:30", "1800"));
-        assert_eq!((rows[1]["period_start"].as_str(), rows[1]["usage_seconds"].as_str(), rows[1]["amount_due"].as_str()), ("2024-01-01T16:00:00+05:30", "1800", "0.18"));
+        assert_eq!(
+            (
+                rows[0]["period_start"].as_str(),
+                rows[0]["period_end"].as_str(),
+                rows[0]["usage_seconds"].as_str()
+            ),
+            ("2024-01-01T15:30:00+05:30", "2024-01-01T16:00:00+05:30", "1800")
+        );
+        assert_eq!(
+            (
+                rows[1]["period_start"].as_str(),
+                rows[1]["usage_seconds"].as_str(),
+                rows[1]["amount_due"].as_str()
+            ),
+            ("2024-01-01T16:00:00+05:30", "1800", "0.18")
+        );
         assert_eq!(rows[1]["transaction_time"], "2024-01-01T18:00:00+05:30");
         b.db.close().await;
     })
@@ -137,9 +195,8 @@ async fn one_tick_equals_twenty_four_and_a_second_tick_adds_nothing() {
         assert_eq!(csv(&one).await, once);
         let status_once = serde_json::to_value(one.status().await.unwrap()).unwrap();
         one.db.close().await;
-        be.drop_db().await;
 
-        let fresh = common::backends().await.into_iter().find(|x| x.name == be.name).unwrap();
+        let fresh = common::fresh(be.name).await;
         let many = fresh.open("UTC").await;
         many.load_json("day.json", DAY).await.unwrap();
         let mut runs = 0;
@@ -148,9 +205,11 @@ async fn one_tick_equals_twenty_four_and_a_second_tick_adds_nothing() {
         }
         assert_eq!(runs, 25, "{}: one run an hour from 02:00 to 02:00 next day", be.name);
         assert_eq!(csv(&many).await, once, "{}: same CSV, ids included", be.name);
-        assert_eq!(serde_json::to_value(many.status().await.unwrap()).unwrap()["accounts"], status_once["accounts"]);
+        assert_eq!(
+            serde_json::to_value(many.status().await.unwrap()).unwrap()["accounts"],
+            status_once["accounts"]
+        );
         many.db.close().await;
-        fresh.drop_db().await;
     })
     .await;
 }
@@ -172,7 +231,11 @@ async fn export_reconciles_with_the_balances() {
             let due: Decimal = rows.iter().filter(|r| r["account_id"] == a.id).map(|r| dec(&r["amount_due"])).sum();
             let moved = opening[a.id.as_str()] + topups[a.id.as_str()] - dec(&a.balance);
             assert_eq!(due, moved, "{}: account {}", be.name, a.id);
-            let paid: Decimal = rows.iter().filter(|r| r["account_id"] == a.id).map(|r| dec(&r["paid_amount"]) + dec(&r["arrears_amount"])).sum();
+            let paid: Decimal = rows
+                .iter()
+                .filter(|r| r["account_id"] == a.id)
+                .map(|r| dec(&r["paid_amount"]) + dec(&r["arrears_amount"]))
+                .sum();
             assert_eq!(paid, due);
         }
         // zeta's 0.72/h x 2 outran 5.50, was topped up by 20.00 at 12:30, and ran out again
@@ -185,7 +248,13 @@ async fn export_reconciles_with_the_balances() {
             .collect();
         assert_eq!(went_negative.len(), 2, "{}", be.name);
         assert_eq!(zeta.in_arrears_since.as_deref(), Some(went_negative[1]), "{}", be.name);
-        let kinds: Vec<String> = b.notifications(Some("zeta")).await.unwrap().iter().map(|n| n["kind"].as_str().unwrap().to_string()).collect();
+        let kinds: Vec<String> = b
+            .notifications(Some("zeta"))
+            .await
+            .unwrap()
+            .iter()
+            .map(|n| n["kind"].as_str().unwrap().to_string())
+            .collect();
         assert_eq!(kinds, ["arrears_began", "arrears_cleared", "arrears_began"], "{}", be.name);
         b.db.close().await;
     })
@@ -223,7 +292,10 @@ async fn settle_hour_rerun_adds_nothing_and_a_correction_posts_the_difference() 
         let adj = &fixed.lines[0];
         // corrected 3599 s -> 0.09997222 (due 0.09); posted 0.06625 (due 0.06)
         assert_eq!(adj.transaction_type.as_str(), "adjustment");
-        assert_eq!((adj.list_amount, adj.amount_due, adj.usage_seconds), (dec("0.03372222"), dec("0.03"), Some(1214)));
+        assert_eq!(
+            (adj.list_amount, adj.amount_due, adj.usage_seconds),
+            (dec("0.03372222"), dec("0.03"), Some(1214))
+        );
         assert_eq!(adj.transaction_time, t("2024-02-01T12:45:00Z"));
         // the next scheduled run finds the hour already re-settled
         let next = b.tick(t("2024-02-01T13:00:00Z"), |_, _| {}).await.unwrap();
@@ -231,10 +303,22 @@ async fn settle_hour_rerun_adds_nothing_and_a_correction_posts_the_difference() 
         let again = b.settle_hour(hour, t("2024-02-01T13:30:00Z"), false).await.unwrap();
         assert!(again.lines.is_empty());
         let explained = b.explain(&adj.transaction_id).await.unwrap();
-        assert!(explained.text.contains("corrected 0.09997222 - posted 0.06625 = 0.03372222"), "{}", explained.text);
+        assert!(
+            explained.text.contains("corrected 0.09997222 - posted 0.06625 = 0.03372222"),
+            "{}",
+            explained.text
+        );
         let all = rows(&csv(&b).await);
-        let hour_due: Decimal = all.iter().filter(|r| r["period_start"] == "2024-02-01T10:00:00Z").map(|r| dec(&r["amount_due"])).sum();
-        assert_eq!(hour_due, dec("0.09"), "the hour's lines sum to a first settlement of the corrected data");
+        let hour_due: Decimal = all
+            .iter()
+            .filter(|r| r["period_start"] == "2024-02-01T10:00:00Z")
+            .map(|r| dec(&r["amount_due"]))
+            .sum();
+        assert_eq!(
+            hour_due,
+            dec("0.09"),
+            "the hour's lines sum to a first settlement of the corrected data"
+        );
         b.db.close().await;
     })
     .await;
@@ -262,9 +346,15 @@ async fn late_usage_is_resettled_by_the_next_run() {
         let late_lines: Vec<_> = rows.iter().filter(|r| r["quantity"] == "3").collect();
         assert_eq!(late_lines.len(), 3);
         for r in &late_lines {
-            assert_eq!(r["transaction_time"], "2024-02-01T06:00:00Z", "posted at the run's scheduled instant");
+            assert_eq!(
+                r["transaction_time"], "2024-02-01T06:00:00Z",
+                "posted at the run's scheduled instant"
+            );
         }
-        let first = late_lines.iter().find(|r| r["period_start"] == "2024-02-01T00:30:00Z").expect("the 00:00 hour's late line");
+        let first = late_lines
+            .iter()
+            .find(|r| r["period_start"] == "2024-02-01T00:30:00Z")
+            .expect("the 00:00 hour's late line");
         assert_eq!((first["usage_seconds"].as_str(), first["amount_due"].as_str()), ("1800", "0.01"));
         assert_eq!(b.status().await.unwrap().settle.hours_awaiting_resettlement, 0);
         b.db.close().await;
@@ -283,23 +373,74 @@ async fn bad_input_exits_2_and_changes_nothing() {
         (r#"{"accounts": [{"id": "acme"}]}"#, "duplicate account id"),
         (r#"{"accounts": [{"id": "x"}, {"id": "x"}]}"#, "accounts[1]"),
         (r#"{"plans": [{"id": "pp", "product": "KooPhone"}]}"#, "duplicate plan id"),
-        (r#"{"resources": [{"id": "d1", "account": "acme", "plan": "pp", "mode": "pay_per_use", "created_at": "2024-01-01T00:00:00Z"}]}"#, "duplicate resource id"),
-        (r#"{"resources": [{"id": "r2", "account": "nobody", "plan": "pp", "mode": "pay_per_use", "created_at": "2024-01-01T00:00:00Z"}]}"#, "unknown account"),
-        (r#"{"resources": [{"id": "r2", "account": "acme", "plan": "nope", "mode": "pay_per_use", "created_at": "2024-01-01T00:00:00Z"}]}"#, "unknown plan"),
-        (r#"{"usage": [{"resource": "ghost", "item": "users", "quantity": "1", "from": "2024-01-01T00:00:00Z", "to": "2024-01-01T01:00:00Z"}]}"#, "unknown resource"),
-        (r#"{"plans": [{"id": "neg", "product": "X", "hourly": {"instance": "-0.36"}}]}"#, "negative"),
-        (r#"{"resources": [{"id": "r2", "account": "acme", "plan": "pp", "mode": "pay_per_use", "quantity": -1, "created_at": "2024-01-01T00:00:00Z"}]}"#, "quantity"),
-        (r#"{"usage": [{"resource": "d1", "item": "users", "quantity": "-1", "from": "2024-01-01T00:00:00Z", "to": "2024-01-01T01:00:00Z"}]}"#, "negative"),
-        (r#"{"usage": [{"resource": "d1", "item": "users", "quantity": "1", "from": "2024-01-01T01:00:00Z", "to": "2024-01-01T01:00:00Z"}]}"#, "must be after from"),
-        (r#"{"resources": [{"id": "r2", "account": "acme", "plan": "pp", "mode": "pay_per_use", "created_at": "2024-01-01T00:00:00Z", "deleted_at": "2023-12-31T00:00:00Z"}]}"#, "deleted_at"),
-        (r#"{"usage": [{"resource": "d1", "item": "users", "quantity": "1", "from": "2024-01-01T00:00:00", "to": "2024-01-01T01:00:00Z"}]}"#, "no UTC offset"),
-        (r#"{"resources": [{"id": "r2", "account": "acme", "plan": "pp", "mode": "pay_per_use", "created_at": "2024-01-01 00:00:00"}]}"#, "created_at"),
-        (r#"{"topups": [{"account": "acme", "amount": "5.00", "at": "2024-01-01T00:00:00"}]}"#, "no UTC offset"),
-        (r#"{"topups": [{"account": "acme", "amount": "NaN", "at": "2024-01-01T00:00:00Z"}]}"#, "not a decimal"),
-        (r#"{"topups": [{"account": "acme", "amount": 5, "at": "2024-01-01T00:00:00Z"}]}"#, "topups[0].amount"),
-        (r#"{"accounts": [{"id": "big", "balance": "123456789012345678901234567890.00"}]}"#, "too large"),
-        (r#"{"usage": [{"resource": "d1", "item": "gpus", "quantity": "1", "from": "2024-01-01T00:00:00Z", "to": "2024-01-01T01:00:00Z"}]}"#, "no hourly price"),
-        (r#"{"accounts": [{"id": "ok"}], "topups": [{"account": "ok", "amount": "0.00", "at": "2024-01-01T00:00:00Z"}]}"#, "positive"),
+        (
+            r#"{"resources": [{"id": "d1", "account": "acme", "plan": "pp", "mode": "pay_per_use", "created_at": "2024-01-01T00:00:00Z"}]}"#,
+            "duplicate resource id",
+        ),
+        (
+            r#"{"resources": [{"id": "r2", "account": "nobody", "plan": "pp", "mode": "pay_per_use", "created_at": "2024-01-01T00:00:00Z"}]}"#,
+            "unknown account",
+        ),
+        (
+            r#"{"resources": [{"id": "r2", "account": "acme", "plan": "nope", "mode": "pay_per_use", "created_at": "2024-01-01T00:00:00Z"}]}"#,
+            "unknown plan",
+        ),
+        (
+            r#"{"usage": [{"resource": "ghost", "item": "users", "quantity": "1", "from": "2024-01-01T00:00:00Z", "to": "2024-01-01T01:00:00Z"}]}"#,
+            "unknown resource",
+        ),
+        (
+            r#"{"plans": [{"id": "neg", "product": "X", "hourly": {"instance": "-0.36"}}]}"#,
+            "negative",
+        ),
+        (
+            r#"{"resources": [{"id": "r2", "account": "acme", "plan": "pp", "mode": "pay_per_use", "quantity": -1, "created_at": "2024-01-01T00:00:00Z"}]}"#,
+            "quantity",
+        ),
+        (
+            r#"{"usage": [{"resource": "d1", "item": "users", "quantity": "-1", "from": "2024-01-01T00:00:00Z", "to": "2024-01-01T01:00:00Z"}]}"#,
+            "negative",
+        ),
+        (
+            r#"{"usage": [{"resource": "d1", "item": "users", "quantity": "1", "from": "2024-01-01T01:00:00Z", "to": "2024-01-01T01:00:00Z"}]}"#,
+            "must be after from",
+        ),
+        (
+            r#"{"resources": [{"id": "r2", "account": "acme", "plan": "pp", "mode": "pay_per_use", "created_at": "2024-01-01T00:00:00Z", "deleted_at": "2023-12-31T00:00:00Z"}]}"#,
+            "deleted_at",
+        ),
+        (
+            r#"{"usage": [{"resource": "d1", "item": "users", "quantity": "1", "from": "2024-01-01T00:00:00", "to": "2024-01-01T01:00:00Z"}]}"#,
+            "no UTC offset",
+        ),
+        (
+            r#"{"resources": [{"id": "r2", "account": "acme", "plan": "pp", "mode": "pay_per_use", "created_at": "2024-01-01 00:00:00"}]}"#,
+            "created_at",
+        ),
+        (
+            r#"{"topups": [{"account": "acme", "amount": "5.00", "at": "2024-01-01T00:00:00"}]}"#,
+            "no UTC offset",
+        ),
+        (
+            r#"{"topups": [{"account": "acme", "amount": "NaN", "at": "2024-01-01T00:00:00Z"}]}"#,
+            "not a decimal",
+        ),
+        (
+            r#"{"topups": [{"account": "acme", "amount": 5, "at": "2024-01-01T00:00:00Z"}]}"#,
+            "topups[0].amount",
+        ),
+        (
+            r#"{"accounts": [{"id": "big", "balance": "123456789012345678901234567890.00"}]}"#,
+            "too large",
+        ),
+        (
+            r#"{"usage": [{"resource": "d1", "item": "gpus", "quantity": "1", "from": "2024-01-01T00:00:00Z", "to": "2024-01-01T01:00:00Z"}]}"#,
+            "no hourly price",
+        ),
+        (
+            r#"{"accounts": [{"id": "ok"}], "topups": [{"account": "ok", "amount": "0.00", "at": "2024-01-01T00:00:00Z"}]}"#,
+            "positive",
+        ),
         ("not json", "doc.json"),
     ];
     on_each_backend(async |be| {
@@ -310,21 +451,43 @@ async fn bad_input_exits_2_and_changes_nothing() {
         let status_before = serde_json::to_string(&b.status().await.unwrap()).unwrap();
         for (doc, expect) in cases {
             // a valid account first: proves a rejected document loads nothing of itself
-            let valid_part = if doc.contains("\"plans\"") { r#"{"accounts": [{"id": "extra-acct"}],"# } else { r#"{"plans": [{"id": "extra-plan", "product": "X"}],"# };
+            let valid_part = if doc.contains("\"plans\"") {
+                r#"{"accounts": [{"id": "extra-acct"}],"#
+            } else {
+                r#"{"plans": [{"id": "extra-plan", "product": "X"}],"#
+            };
             let with_valid_part = doc.replacen('{', valid_part, 1);
             for text in [doc.to_string(), with_valid_part] {
                 let err = b.load_json("doc.json", &text).await.expect_err(&text);
                 assert_eq!(exit_code(&err), 2, "{}: {text}: {err:#}", be.name);
-                assert!(format!("{err:#}").contains(expect), "{}: {text}: message {err:#} should mention {expect}", be.name);
+                assert!(
+                    format!("{err:#}").contains(expect),
+                    "{}: {text}: message {err:#} should mention {expect}",
+                    be.name
+                );
             }
         }
         assert_eq!(csv(&b).await, csv_before);
-        assert_eq!(serde_json::to_string(&b.status().await.unwrap()).unwrap(), status_before, "{}", be.name);
+        assert_eq!(
+            serde_json::to_string(&b.status().await.unwrap()).unwrap(),
+            status_before,
+            "{}",
+            be.name
+        );
         // the first, valid-looking part of a rejected document was not loaded either
-        assert!(b.load_json("ok.json", r#"{"plans": [{"id": "extra-plan", "product": "X"}], "accounts": [{"id": "extra-acct"}]}"#).await.is_ok());
+        assert!(b
+            .load_json(
+                "ok.json",
+                r#"{"plans": [{"id": "extra-plan", "product": "X"}], "accounts": [{"id": "extra-acct"}]}"#
+            )
+            .await
+            .is_ok());
         let err = b.topup("nobody", "1.00", t("2024-01-01T00:00:00Z")).await.unwrap_err();
         assert_eq!(exit_code(&err), 2);
-        let err = b.settle_hour(t("2024-01-01T00:30:00Z"), t("2024-01-01T05:00:00Z"), false).await.unwrap_err();
+        let err = b
+            .settle_hour(t("2024-01-01T00:30:00Z"), t("2024-01-01T05:00:00Z"), false)
+            .await
+            .unwrap_err();
         assert_eq!(exit_code(&err), 2, "{err:#}");
         b.db.close().await;
     })

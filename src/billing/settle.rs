@@ -12,6 +12,9 @@ use std::collections::{BTreeMap, HashMap};
 
 pub const INSTANCE_ITEM: &str = "instance";
 
+/// A piece of use [from, to) and where it came from (`lifetime` or `segment`).
+pub type UsePiece = (i64, i64, &'static str);
+
 /// What a first settlement of the current data would charge for one (resource, item, hour, quantity).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DesiredUsage {
@@ -25,7 +28,7 @@ pub struct DesiredUsage {
     pub period_end: i64,
     pub list_amount: Decimal,
     /// The pieces of use inside the hour, each with where it came from.
-    pub intervals: Vec<(i64, i64, &'static str)>,
+    pub intervals: Vec<UsePiece>,
 }
 
 impl DesiredUsage {
@@ -83,7 +86,7 @@ pub fn desired_usage(
 ) -> Result<Vec<DesiredUsage>, Overflow> {
     let hour_end = zone.next_hour(hour_start);
     // (resource, item, quantity) -> (price, pieces)
-    let mut acc: BTreeMap<(String, String, Decimal), (Decimal, Vec<(i64, i64, &'static str)>)> = BTreeMap::new();
+    let mut acc: BTreeMap<(String, String, Decimal), (Decimal, Vec<UsePiece>)> = BTreeMap::new();
     let mut add = |r: &MeteredResource, item: &str, qty: Decimal, price: Decimal, from: i64, to: i64, source: &'static str| {
         let (a, b) = (from.max(hour_start), to.min(hour_end));
         if a >= b {
@@ -99,14 +102,32 @@ pub fn desired_usage(
     for r in resources.values() {
         let Some(plan) = plans.get(&r.plan_id) else { continue };
         if let Some(price) = plan.hourly.get(INSTANCE_ITEM) {
-            add(r, INSTANCE_ITEM, Decimal::from(r.quantity), *price, r.created_at, r.deleted_at.unwrap_or(i64::MAX), "lifetime");
+            add(
+                r,
+                INSTANCE_ITEM,
+                Decimal::from(r.quantity),
+                *price,
+                r.created_at,
+                r.deleted_at.unwrap_or(i64::MAX),
+                "lifetime",
+            );
         }
     }
     for s in segments {
         let Some(r) = resources.get(&s.resource_id) else { continue };
-        let Some(price) = plans.get(&r.plan_id).and_then(|p| p.hourly.get(&s.item)) else { continue };
+        let Some(price) = plans.get(&r.plan_id).and_then(|p| p.hourly.get(&s.item)) else {
+            continue;
+        };
         // use only counts while the resource exists
-        add(r, &s.item, s.quantity, *price, s.from.max(r.created_at), s.to.min(r.deleted_at.unwrap_or(i64::MAX)), "segment");
+        add(
+            r,
+            &s.item,
+            s.quantity,
+            *price,
+            s.from.max(r.created_at),
+            s.to.min(r.deleted_at.unwrap_or(i64::MAX)),
+            "segment",
+        );
     }
     let mut out = Vec::with_capacity(acc.len());
     for ((resource_id, item, quantity), (unit_price, mut intervals)) in acc {
@@ -252,7 +273,10 @@ pub fn reconcile(desired: &[DesiredUsage], posted: &HashMap<String, PostedUsage>
         }
     }
     // keys posted earlier that the corrected data no longer has: take them back in full
-    let mut gone: Vec<(&String, &PostedUsage)> = posted.iter().filter(|(k, p)| !seen.contains(*k) && (p.list_amount != Decimal::ZERO || p.seconds != 0 || p.amount_due != Decimal::ZERO)).collect();
+    let mut gone: Vec<(&String, &PostedUsage)> = posted
+        .iter()
+        .filter(|(k, p)| !seen.contains(*k) && (p.list_amount != Decimal::ZERO || p.seconds != 0 || p.amount_due != Decimal::ZERO))
+        .collect();
     gone.sort_by(|a, b| a.0.cmp(b.0));
     for (key, p) in gone {
         out.push(UsageDraft {
@@ -307,7 +331,11 @@ impl AccountBook {
     /// Moves the balance by `due` at instant `at`; money back (negative due) is paid in full.
     pub fn charge(&mut self, due: Decimal, at: i64, events: &mut Vec<ArrearsEvent>) -> Charge {
         let balance = self.account.balance;
-        let paid = if due <= Decimal::ZERO { due } else { due.min(balance.max(Decimal::ZERO)) };
+        let paid = if due <= Decimal::ZERO {
+            due
+        } else {
+            due.min(balance.max(Decimal::ZERO))
+        };
         let mut arrears = due - paid;
         arrears.rescale(2);
         let mut balance_after = balance - due;
@@ -315,7 +343,11 @@ impl AccountBook {
         self.apply(balance_after, at, events);
         let mut paid = paid;
         paid.rescale(2);
-        Charge { paid, arrears, balance_after }
+        Charge {
+            paid,
+            arrears,
+            balance_after,
+        }
     }
 
     /// Sets the balance after a posting at `at` and records arrears beginning or ending.
@@ -355,16 +387,27 @@ pub fn post_drafts(
 ) -> Result<Vec<LedgerLine>, String> {
     let mut keyed: Vec<(String, UsageDraft)> = Vec::with_capacity(drafts.len());
     for d in drafts.drain(..) {
-        let account = context(&d.resource_id).map(|(r, _)| r.account_id).ok_or_else(|| format!("resource {} is not loaded", d.resource_id))?;
+        let account = context(&d.resource_id)
+            .map(|(r, _)| r.account_id)
+            .ok_or_else(|| format!("resource {} is not loaded", d.resource_id))?;
         keyed.push((account, d));
     }
     keyed.sort_by(|(a1, d1), (a2, d2)| {
-        (d1.hour_start, a1, &d1.resource_id, &d1.item, d1.quantity, &d1.line_key).cmp(&(d2.hour_start, a2, &d2.resource_id, &d2.item, d2.quantity, &d2.line_key))
+        (d1.hour_start, a1, &d1.resource_id, &d1.item, d1.quantity, &d1.line_key).cmp(&(
+            d2.hour_start,
+            a2,
+            &d2.resource_id,
+            &d2.item,
+            d2.quantity,
+            &d2.line_key,
+        ))
     });
     let mut lines = Vec::with_capacity(keyed.len());
     for (account_id, d) in keyed {
         let (resource, plan) = context(&d.resource_id).expect("checked above");
-        let book = books.get_mut(&account_id).ok_or_else(|| format!("account {account_id} is not loaded"))?;
+        let book = books
+            .get_mut(&account_id)
+            .ok_or_else(|| format!("account {account_id} is not loaded"))?;
         let charge = book.charge(d.amount_due, at, events);
         lines.push(LedgerLine {
             transaction_id: transaction_id(&d.line_key, d.revision),
@@ -415,12 +458,29 @@ mod tests {
     fn phone_plan() -> HashMap<String, Plan> {
         let mut hourly = BTreeMap::new();
         hourly.insert("instance".to_string(), d("0.36"));
-        HashMap::from([("p".to_string(), Plan { id: "p".into(), product: "KooPhone".into(), hourly, per_unit: BTreeMap::new(), monthly: None, yearly: None })])
+        HashMap::from([(
+            "p".to_string(),
+            Plan {
+                id: "p".into(),
+                product: "KooPhone".into(),
+                hourly,
+                per_unit: BTreeMap::new(),
+                monthly: None,
+                yearly: None,
+            },
+        )])
     }
     fn res(created: i64, deleted: Option<i64>) -> HashMap<String, MeteredResource> {
         HashMap::from([(
             "r".to_string(),
-            MeteredResource { id: "r".into(), account_id: "a".into(), plan_id: "p".into(), quantity: 1, created_at: created, deleted_at: deleted },
+            MeteredResource {
+                id: "r".into(),
+                account_id: "a".into(),
+                plan_id: "p".into(),
+                quantity: 1,
+                created_at: created,
+                deleted_at: deleted,
+            },
         )])
     }
 
@@ -432,14 +492,20 @@ mod tests {
         assert_eq!(h9.len(), 1);
         assert_eq!((h9[0].seconds, h9[0].list_amount), (30, d("0.003")));
         let h10 = desired_usage(&z, at("2023-04-18T10:00:00Z"), &phone_plan(), &r, &[], &Unbillable::new()).unwrap();
-        assert_eq!((h10[0].seconds, h10[0].period_start, h10[0].period_end), (2746, at("2023-04-18T10:00:00Z"), at("2023-04-18T10:45:46Z")));
+        assert_eq!(
+            (h10[0].seconds, h10[0].period_start, h10[0].period_end),
+            (2746, at("2023-04-18T10:00:00Z"), at("2023-04-18T10:45:46Z"))
+        );
     }
 
     #[test]
     fn frozen_window_is_not_billed() {
         let z = BillingZone::parse("UTC").unwrap();
         let r = res(at("2023-04-18T00:00:00Z"), None);
-        let unbillable = Unbillable::from([("r".to_string(), vec![(at("2023-04-18T10:15:00Z"), Some(at("2023-04-18T10:45:00Z")))])]);
+        let unbillable = Unbillable::from([(
+            "r".to_string(),
+            vec![(at("2023-04-18T10:15:00Z"), Some(at("2023-04-18T10:45:00Z")))],
+        )]);
         let h = desired_usage(&z, at("2023-04-18T10:00:00Z"), &phone_plan(), &r, &[], &unbillable).unwrap();
         assert_eq!(h[0].seconds, 1800);
     }
@@ -448,7 +514,15 @@ mod tests {
     fn reconcile_posts_only_the_difference() {
         let z = BillingZone::parse("UTC").unwrap();
         let hour = at("2023-04-18T10:00:00Z");
-        let first = desired_usage(&z, hour, &phone_plan(), &res(at("2023-04-18T10:00:00Z"), Some(at("2023-04-18T10:39:45Z"))), &[], &Unbillable::new()).unwrap();
+        let first = desired_usage(
+            &z,
+            hour,
+            &phone_plan(),
+            &res(at("2023-04-18T10:00:00Z"), Some(at("2023-04-18T10:39:45Z"))),
+            &[],
+            &Unbillable::new(),
+        )
+        .unwrap();
         let drafts = reconcile(&first, &HashMap::new());
         assert_eq!(drafts.len(), 1);
         let posted = HashMap::from([(
@@ -468,25 +542,55 @@ mod tests {
             },
         )]);
         assert!(reconcile(&first, &posted).is_empty(), "unchanged data posts nothing");
-        let corrected = desired_usage(&z, hour, &phone_plan(), &res(hour, Some(at("2023-04-18T10:59:59Z"))), &[], &Unbillable::new()).unwrap();
+        let corrected = desired_usage(
+            &z,
+            hour,
+            &phone_plan(),
+            &res(hour, Some(at("2023-04-18T10:59:59Z"))),
+            &[],
+            &Unbillable::new(),
+        )
+        .unwrap();
         let adj = reconcile(&corrected, &posted);
         assert_eq!(adj.len(), 1);
         assert_eq!(adj[0].transaction_type, TransactionType::Adjustment);
         // 2385 s -> 0.2385 (due 0.23); 3599 s -> 0.3599 (due 0.35): the adjustment is 0.1214, due 0.12
-        assert_eq!((adj[0].list_amount, adj[0].amount_due, adj[0].revision), (d("0.1214"), d("0.12"), 1));
+        assert_eq!(
+            (adj[0].list_amount, adj[0].amount_due, adj[0].revision),
+            (d("0.1214"), d("0.12"), 1)
+        );
         assert_ne!(transaction_id(&adj[0].line_key, 1), transaction_id(&adj[0].line_key, 0));
     }
 
     #[test]
     fn charging_splits_paid_and_arrears() {
-        let mut book = AccountBook::new(Account { id: "a".into(), currency: "USD".into(), balance: d("0.50"), in_arrears_since: None, grace_days: 15, retention_days: 15 });
+        let mut book = AccountBook::new(Account {
+            id: "a".into(),
+            currency: "USD".into(),
+            balance: d("0.50"),
+            in_arrears_since: None,
+            grace_days: 15,
+            retention_days: 15,
+        });
         let mut ev = Vec::new();
         let c = book.charge(d("0.95"), 100, &mut ev);
         assert_eq!((c.paid, c.arrears, c.balance_after), (d("0.50"), d("0.45"), d("-0.45")));
-        assert_eq!(ev, vec![ArrearsEvent::Began { account_id: "a".into(), at: 100 }]);
+        assert_eq!(
+            ev,
+            vec![ArrearsEvent::Began {
+                account_id: "a".into(),
+                at: 100
+            }]
+        );
         let c = book.charge(d("-0.50"), 200, &mut ev);
         assert_eq!((c.paid, c.arrears, c.balance_after), (d("-0.50"), d("0.00"), d("0.05")));
-        assert_eq!(ev[1], ArrearsEvent::Cleared { account_id: "a".into(), at: 200 });
+        assert_eq!(
+            ev[1],
+            ArrearsEvent::Cleared {
+                account_id: "a".into(),
+                at: 200
+            }
+        );
     }
 
     proptest! {

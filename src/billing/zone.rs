@@ -18,7 +18,9 @@ impl BillingZone {
         let s = s.trim();
         if let Some(rest) = s.strip_prefix(['+', '-']) {
             let sign = if s.starts_with('-') { -1 } else { 1 };
-            let (h, m) = rest.split_once(':').ok_or_else(|| format!("time zone `{s}`: a fixed offset is written +HH:MM"))?;
+            let (h, m) = rest
+                .split_once(':')
+                .ok_or_else(|| format!("time zone `{s}`: a fixed offset is written +HH:MM"))?;
             let (h, m): (i32, i32) = match (h.parse(), m.parse()) {
                 (Ok(h), Ok(m)) if (0..=18).contains(&h) && (0..60).contains(&m) => (h, m),
                 _ => return Err(format!("time zone `{s}`: a fixed offset is written +HH:MM, at most 18 hours")),
@@ -185,7 +187,14 @@ mod tests {
         let z = BillingZone::parse("Europe/Berlin").unwrap();
         let day = |d: &str| {
             let start = z.instant_of_local(NaiveDate::parse_from_str(d, "%Y-%m-%d").unwrap().and_hms_opt(0, 0, 0).unwrap());
-            let end = z.instant_of_local(NaiveDate::parse_from_str(d, "%Y-%m-%d").unwrap().succ_opt().unwrap().and_hms_opt(0, 0, 0).unwrap());
+            let end = z.instant_of_local(
+                NaiveDate::parse_from_str(d, "%Y-%m-%d")
+                    .unwrap()
+                    .succ_opt()
+                    .unwrap()
+                    .and_hms_opt(0, 0, 0)
+                    .unwrap(),
+            );
             split_by_hour(&z, start, end).len()
         };
         assert_eq!(day("2024-03-31"), 23);

@@ -73,7 +73,11 @@ pub async fn state(db: &Db) -> Result<SettleState> {
         )
         .await?;
     let r = &r[0];
-    Ok(SettleState { last_run: r.opt_int(0), watermark: r.opt_int(1), earliest_usage: r.opt_int(2) })
+    Ok(SettleState {
+        last_run: r.opt_int(0),
+        watermark: r.opt_int(1),
+        earliest_usage: r.opt_int(2),
+    })
 }
 
 /// Totals of a catch-up.
@@ -93,7 +97,13 @@ pub async fn run_next(db: &Db, zone: &BillingZone, sched: &SettleSchedule, now: 
     if at > now {
         return Ok(None);
     }
-    let run = SettleRun { job: SETTLE_JOB.to_string(), at, hours: hours_due(zone, sched, &st, at), scheduled: true, dry_run: false };
+    let run = SettleRun {
+        job: SETTLE_JOB.to_string(),
+        at,
+        hours: hours_due(zone, sched, &st, at),
+        scheduled: true,
+        dry_run: false,
+    };
     let out = settle(db, zone, &run).await?;
     Ok(Some((at, out)))
 }
@@ -115,11 +125,18 @@ mod tests {
     #[test]
     fn the_fees_of_eight_to_nine_are_deducted_at_ten() {
         let z = BillingZone::parse("UTC").unwrap();
-        let st = SettleState { earliest_usage: Some(at("2023-04-18T08:45:30Z")), ..Default::default() };
+        let st = SettleState {
+            earliest_usage: Some(at("2023-04-18T08:45:30Z")),
+            ..Default::default()
+        };
         let s = SettleSchedule::default();
         assert_eq!(next_run(&z, &s, &st), Some(at("2023-04-18T10:00:00Z")));
         assert_eq!(hours_due(&z, &s, &st, at("2023-04-18T10:00:00Z")), vec![at("2023-04-18T08:00:00Z")]);
-        let st = SettleState { last_run: Some(at("2023-04-18T10:00:00Z")), watermark: Some(at("2023-04-18T08:00:00Z")), ..st };
+        let st = SettleState {
+            last_run: Some(at("2023-04-18T10:00:00Z")),
+            watermark: Some(at("2023-04-18T08:00:00Z")),
+            ..st
+        };
         assert_eq!(next_run(&z, &s, &st), Some(at("2023-04-18T11:00:00Z")));
         assert_eq!(hours_due(&z, &s, &st, at("2023-04-18T11:00:00Z")), vec![at("2023-04-18T09:00:00Z")]);
     }
@@ -127,7 +144,10 @@ mod tests {
     #[test]
     fn half_hour_zone_runs_on_its_own_grid() {
         let z = BillingZone::parse("+05:30").unwrap();
-        let st = SettleState { earliest_usage: Some(at("2024-01-01T10:10:00Z")), ..Default::default() };
+        let st = SettleState {
+            earliest_usage: Some(at("2024-01-01T10:10:00Z")),
+            ..Default::default()
+        };
         assert_eq!(next_run(&z, &SettleSchedule::default(), &st), Some(at("2024-01-01T11:30:00Z")));
     }
 }

@@ -8,7 +8,7 @@ use futures_util::TryStreamExt;
 use rust_decimal::Decimal;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::{AssertSqlSafe, PgPool, Postgres, Row as _, SqlSafeStr, Sqlite, SqlitePool, Transaction};
+use sqlx::{AssertSqlSafe, Connection, PgPool, Postgres, Row as _, SqlSafeStr, Sqlite, SqlitePool, Transaction};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -160,7 +160,11 @@ fn read_sqlite(row: &SqliteRow, kinds: &[Kind]) -> Result<Row> {
                 let s: Option<String> = row.try_get(i)?;
                 Val::Money(match s {
                     None => None,
-                    Some(s) => Some(Decimal::from_str(&s).or_else(|_| Decimal::from_scientific(&s)).with_context(|| format!("column {i}: `{s}` is not a decimal"))?),
+                    Some(s) => Some(
+                        Decimal::from_str(&s)
+                            .or_else(|_| Decimal::from_scientific(&s))
+                            .with_context(|| format!("column {i}: `{s}` is not a decimal"))?,
+                    ),
                 })
             }
         });
@@ -199,7 +203,13 @@ impl Db {
                 .map_err(|e| anyhow!("cannot open SQLite database {shown}: {e}"))?;
             Ok(Db::Sqlite(pool))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            let opts = PgConnectOptions::from_str(url).map_err(|e| anyhow!("database URL {shown}: {}", strip_secret(&e.to_string(), url)))?;
+            let opts =
+                PgConnectOptions::from_str(url).map_err(|e| anyhow!("database URL {shown}: {}", strip_secret(&e.to_string(), url)))?;
+            // one direct attempt first, so an unreachable server fails at once with its reason
+            let probe = sqlx::postgres::PgConnection::connect_with(&opts)
+                .await
+                .map_err(|e| anyhow!("cannot connect to PostgreSQL {shown}: {}", strip_secret(&e.to_string(), url)))?;
+            probe.close().await.ok();
             let pool = PgPoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(30))
@@ -237,13 +247,29 @@ impl Db {
 
     pub async fn rows(&self, sql: impl SqlSafeStr, args: Vec<Val>, kinds: &[Kind]) -> Result<Vec<Row>> {
         match self {
-            Db::Sqlite(p) => bind_sqlite(sqlx::query(sql), args).fetch_all(p).await?.iter().map(|r| read_sqlite(r, kinds)).collect(),
-            Db::Postgres(p) => bind_pg(sqlx::query(sql), args).fetch_all(p).await?.iter().map(|r| read_pg(r, kinds)).collect(),
+            Db::Sqlite(p) => bind_sqlite(sqlx::query(sql), args)
+                .fetch_all(p)
+                .await?
+                .iter()
+                .map(|r| read_sqlite(r, kinds))
+                .collect(),
+            Db::Postgres(p) => bind_pg(sqlx::query(sql), args)
+                .fetch_all(p)
+                .await?
+                .iter()
+                .map(|r| read_pg(r, kinds))
+                .collect(),
         }
     }
 
     /// Streams the rows of a query to `each`, one at a time: memory stays flat for any result size.
-    pub async fn stream(&self, sql: impl SqlSafeStr, args: Vec<Val>, kinds: &[Kind], mut each: impl FnMut(Row) -> Result<()>) -> Result<u64> {
+    pub async fn stream(
+        &self,
+        sql: impl SqlSafeStr,
+        args: Vec<Val>,
+        kinds: &[Kind],
+        mut each: impl FnMut(Row) -> Result<()>,
+    ) -> Result<u64> {
         let mut n = 0;
         match self {
             Db::Sqlite(p) => {
@@ -304,8 +330,18 @@ impl Tx {
 
     pub async fn rows(&mut self, sql: impl SqlSafeStr, args: Vec<Val>, kinds: &[Kind]) -> Result<Vec<Row>> {
         match self {
-            Tx::Sqlite(t) => bind_sqlite(sqlx::query(sql), args).fetch_all(&mut **t).await?.iter().map(|r| read_sqlite(r, kinds)).collect(),
-            Tx::Postgres(t) => bind_pg(sqlx::query(sql), args).fetch_all(&mut **t).await?.iter().map(|r| read_pg(r, kinds)).collect(),
+            Tx::Sqlite(t) => bind_sqlite(sqlx::query(sql), args)
+                .fetch_all(&mut **t)
+                .await?
+                .iter()
+                .map(|r| read_sqlite(r, kinds))
+                .collect(),
+            Tx::Postgres(t) => bind_pg(sqlx::query(sql), args)
+                .fetch_all(&mut **t)
+                .await?
+                .iter()
+                .map(|r| read_pg(r, kinds))
+                .collect(),
         }
     }
 
@@ -383,9 +419,15 @@ mod tests {
 
     #[test]
     fn passwords_never_shown() {
-        assert_eq!(redact_url("postgres://app:s3cret@db:5432/billing"), "postgres://app:***@db:5432/billing");
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/billing"),
+            "postgres://app:***@db:5432/billing"
+        );
         assert_eq!(redact_url("postgres://app@db/billing"), "postgres://app@db/billing");
         assert_eq!(redact_url("sqlite://billrun.db"), "sqlite://billrun.db");
-        assert_eq!(strip_secret("password s3cret rejected", "postgres://a:s3cret@h/d"), "password *** rejected");
+        assert_eq!(
+            strip_secret("password s3cret rejected", "postgres://a:s3cret@h/d"),
+            "password *** rejected"
+        );
     }
 }

@@ -5,10 +5,33 @@ use crate::billing::model::{BillingMode, LedgerLine, TransactionType};
 use anyhow::{Context, Result};
 
 pub(crate) const LINE_COLUMNS: &[&str] = &[
-    "transaction_id", "transaction_time", "account_id", "resource_id", "product", "plan_id", "billing_mode",
-    "transaction_type", "billing_item", "period_start", "period_end", "usage_seconds", "quantity", "unit_price",
-    "list_amount", "truncated_amount", "amount_due", "paid_amount", "arrears_amount", "balance_after", "currency",
-    "hour_start", "line_key", "revision", "run_job", "run_at", "explain",
+    "transaction_id",
+    "transaction_time",
+    "account_id",
+    "resource_id",
+    "product",
+    "plan_id",
+    "billing_mode",
+    "transaction_type",
+    "billing_item",
+    "period_start",
+    "period_end",
+    "usage_seconds",
+    "quantity",
+    "unit_price",
+    "list_amount",
+    "truncated_amount",
+    "amount_due",
+    "paid_amount",
+    "arrears_amount",
+    "balance_after",
+    "currency",
+    "hour_start",
+    "line_key",
+    "revision",
+    "run_job",
+    "run_at",
+    "explain",
 ];
 
 const SELECT_LINE: &str = "SELECT transaction_id, transaction_time, account_id, resource_id, product, plan_id, billing_mode, \
@@ -17,9 +40,33 @@ const SELECT_LINE: &str = "SELECT transaction_id, transaction_time, account_id, 
     run_job, run_at, explain FROM ledger";
 
 const LINE_KINDS: &[Kind] = &[
-    Kind::Text, Kind::Int, Kind::Text, Kind::Text, Kind::Text, Kind::Text, Kind::Text, Kind::Text, Kind::Text, Kind::Int,
-    Kind::Int, Kind::Int, Kind::Money, Kind::Money, Kind::Money, Kind::Money, Kind::Money, Kind::Money, Kind::Money,
-    Kind::Money, Kind::Text, Kind::Int, Kind::Text, Kind::Int, Kind::Text, Kind::Int, Kind::Text,
+    Kind::Text,
+    Kind::Int,
+    Kind::Text,
+    Kind::Text,
+    Kind::Text,
+    Kind::Text,
+    Kind::Text,
+    Kind::Text,
+    Kind::Text,
+    Kind::Int,
+    Kind::Int,
+    Kind::Int,
+    Kind::Money,
+    Kind::Money,
+    Kind::Money,
+    Kind::Money,
+    Kind::Money,
+    Kind::Money,
+    Kind::Money,
+    Kind::Money,
+    Kind::Text,
+    Kind::Int,
+    Kind::Text,
+    Kind::Int,
+    Kind::Text,
+    Kind::Int,
+    Kind::Text,
 ];
 
 fn line_row(l: LedgerLine) -> Vec<Val> {
@@ -96,13 +143,21 @@ pub(crate) async fn post_lines(tx: &mut Tx, lines: Vec<LedgerLine>) -> Result<u6
 /// Lines already posted for the billing hour, in posting order.
 pub(crate) async fn hour_lines(tx: &mut Tx, hour_start: i64) -> Result<Vec<LedgerLine>> {
     let sql = format!("{SELECT_LINE} WHERE hour_start = $1 ORDER BY seq");
-    tx.rows(sqlx::AssertSqlSafe(sql), vec![hour_start.into()], LINE_KINDS).await?.iter().map(line_of).collect()
+    tx.rows(sqlx::AssertSqlSafe(sql), vec![hour_start.into()], LINE_KINDS)
+        .await?
+        .iter()
+        .map(line_of)
+        .collect()
 }
 
 /// One line by transaction id.
 pub async fn line(db: &Db, transaction_id: &str) -> Result<Option<LedgerLine>> {
     let sql = format!("{SELECT_LINE} WHERE transaction_id = $1");
-    db.rows(sqlx::AssertSqlSafe(sql), vec![transaction_id.into()], LINE_KINDS).await?.first().map(line_of).transpose()
+    db.rows(sqlx::AssertSqlSafe(sql), vec![transaction_id.into()], LINE_KINDS)
+        .await?
+        .first()
+        .map(line_of)
+        .transpose()
 }
 
 #[derive(Clone, Debug, Default)]
@@ -117,6 +172,10 @@ pub async fn stream_lines(db: &Db, f: &ExportFilter, mut each: impl FnMut(Ledger
     let sql = format!(
         "{SELECT_LINE} WHERE transaction_time >= $1 AND transaction_time < $2 AND ($3 = '' OR account_id = $3) ORDER BY transaction_time, transaction_id"
     );
-    let args = vec![f.from.unwrap_or(i64::MIN).into(), f.to.unwrap_or(i64::MAX).into(), f.account.clone().unwrap_or_default().into()];
+    let args = vec![
+        f.from.unwrap_or(i64::MIN).into(),
+        f.to.unwrap_or(i64::MAX).into(),
+        f.account.clone().unwrap_or_default().into(),
+    ];
     db.stream(sqlx::AssertSqlSafe(sql), args, LINE_KINDS, |r| each(line_of(&r)?)).await
 }

@@ -1,6 +1,6 @@
 //! Persistence: the database layer (`db`), schema migrations, and the queries of each capability.
 pub mod db;
-pub mod schema;
-pub mod world;
 pub mod ledger;
+pub mod schema;
 pub mod settle;
+pub mod world;

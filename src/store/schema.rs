@@ -14,7 +14,11 @@ pub async fn migrate(db: &Db) -> Result<i64> {
         Backend::Sqlite => SQLITE,
         Backend::Postgres => POSTGRES,
     };
-    db.exec("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)", vec![]).await?;
+    db.exec(
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        vec![],
+    )
+    .await?;
     let mut tx = db.begin().await?;
     if tx.backend() == Backend::Postgres {
         tx.exec("LOCK TABLE meta IN EXCLUSIVE MODE", vec![]).await?;
@@ -47,7 +51,9 @@ pub async fn migrate(db: &Db) -> Result<i64> {
 /// The billing zone of this database: stored on first use; naming another one later is refused.
 pub async fn billing_zone(db: &Db, requested: Option<&BillingZone>) -> Result<BillingZone> {
     let mut tx = db.begin().await?;
-    let stored = tx.rows("SELECT value FROM meta WHERE key = 'timezone'", vec![], &[Kind::Text]).await?;
+    let stored = tx
+        .rows("SELECT value FROM meta WHERE key = 'timezone'", vec![], &[Kind::Text])
+        .await?;
     let zone = match (stored.first().map(|r| r.text(0)), requested) {
         (Some(s), req) => {
             let stored = BillingZone::parse(&s).map_err(anyhow::Error::msg)?;
@@ -63,7 +69,8 @@ pub async fn billing_zone(db: &Db, requested: Option<&BillingZone>) -> Result<Bi
         }
         (None, req) => {
             let zone = req.copied().unwrap_or(BillingZone::parse("UTC").expect("UTC parses"));
-            tx.exec("INSERT INTO meta (key, value) VALUES ('timezone', $1)", vec![zone.name().into()]).await?;
+            tx.exec("INSERT INTO meta (key, value) VALUES ('timezone', $1)", vec![zone.name().into()])
+                .await?;
             zone
         }
     };

@@ -47,12 +47,19 @@ pub async fn settle(db: &Db, zone: &BillingZone, run: &SettleRun) -> Result<Sett
             .await?;
         if claimed == 0 {
             tx.rollback().await?;
-            return Ok(SettleOutcome { skipped: true, ..Default::default() });
+            return Ok(SettleOutcome {
+                skipped: true,
+                ..Default::default()
+            });
         }
     }
     let mut hours = run.hours.clone();
     let dirty: Vec<i64> = if run.scheduled {
-        tx.rows("SELECT hour_start FROM dirty_hours ORDER BY hour_start", vec![], &[Kind::Int]).await?.iter().map(|r| r.int(0)).collect()
+        tx.rows("SELECT hour_start FROM dirty_hours ORDER BY hour_start", vec![], &[Kind::Int])
+            .await?
+            .iter()
+            .map(|r| r.int(0))
+            .collect()
     } else {
         vec![]
     };
@@ -60,17 +67,33 @@ pub async fn settle(db: &Db, zone: &BillingZone, run: &SettleRun) -> Result<Sett
     hours.sort_unstable();
     hours.dedup();
 
-    let plans: HashMap<String, Plan> =
-        tx.rows("SELECT doc FROM plans", vec![], &[Kind::Text]).await?.iter().map(|r| plan_of(r).map(|p| (p.id.clone(), p))).collect::<Result<_>>()?;
+    let plans: HashMap<String, Plan> = tx
+        .rows("SELECT doc FROM plans", vec![], &[Kind::Text])
+        .await?
+        .iter()
+        .map(|r| plan_of(r).map(|p| (p.id.clone(), p)))
+        .collect::<Result<_>>()?;
     let mut books: HashMap<String, AccountBook> = HashMap::new();
     let mut events: Vec<ArrearsEvent> = Vec::new();
-    let mut out = SettleOutcome { hours: hours.clone(), ..Default::default() };
+    let mut out = SettleOutcome {
+        hours: hours.clone(),
+        ..Default::default()
+    };
     for &hour in &hours {
         let lines = settle_hour(&mut tx, zone, hour, &plans, &mut books, &mut events, run).await?;
         out.amount_due += lines.iter().map(|l| l.amount_due).sum::<Decimal>();
         out.lines.extend(lines);
     }
-    out.arrears_began = events.iter().filter_map(|e| if let ArrearsEvent::Began { account_id, .. } = e { Some(account_id.clone()) } else { None }).collect();
+    out.arrears_began = events
+        .iter()
+        .filter_map(|e| {
+            if let ArrearsEvent::Began { account_id, .. } = e {
+                Some(account_id.clone())
+            } else {
+                None
+            }
+        })
+        .collect();
     if run.dry_run {
         tx.rollback().await?;
         return Ok(out);
@@ -137,9 +160,16 @@ async fn settle_hour(
         )
         .await?
         .iter()
-        .map(|r| UsageSegment { resource_id: r.text(0), item: r.text(1), quantity: r.money(2), from: r.int(3), to: r.int(4) })
+        .map(|r| UsageSegment {
+            resource_id: r.text(0),
+            item: r.text(1),
+            quantity: r.money(2),
+            from: r.int(3),
+            to: r.int(4),
+        })
         .collect();
-    let desired = desired_usage(zone, hour, plans, &resources, &segments, &Unbillable::new()).map_err(|e| anyhow!("hour {}: {e}", zone.format(hour)))?;
+    let desired = desired_usage(zone, hour, plans, &resources, &segments, &Unbillable::new())
+        .map_err(|e| anyhow!("hour {}: {e}", zone.format(hour)))?;
 
     let mut posted: HashMap<String, PostedUsage> = HashMap::new();
     for l in ledger::hour_lines(tx, hour).await? {
@@ -181,6 +211,10 @@ async fn settle_hour(
         let a = account_of(r);
         books.entry(a.id.clone()).or_insert_with(|| AccountBook::new(a));
     }
-    let context = |id: &str| resources.get(id).and_then(|r| plans.get(&r.plan_id).map(|p| (r.clone(), p.clone())));
+    let context = |id: &str| {
+        resources
+            .get(id)
+            .and_then(|r| plans.get(&r.plan_id).map(|p| (r.clone(), p.clone())))
+    };
     post_drafts(drafts, context, books, run.at, &run.job, events).map_err(|e| anyhow!("hour {}: {e}", zone.format(hour)))
 }

@@ -2,7 +2,7 @@
 
 use super::db::{Db, Kind, Row, Tx, Val};
 use crate::billing::model::{Account, BillingMode, MeteredResource, Plan};
-use crate::billing::settle::{ArrearsEvent, AccountBook, INSTANCE_ITEM};
+use crate::billing::settle::{AccountBook, ArrearsEvent, INSTANCE_ITEM};
 use crate::billing::zone::{split_by_hour, BillingZone};
 use crate::error::InputError;
 use crate::fixture::{self, Batch, Document, Known, KnownResource};
@@ -15,13 +15,27 @@ pub const SETTLE_JOB: &str = "settle";
 pub(crate) const ACCOUNT_KINDS: &[Kind] = &[Kind::Text, Kind::Text, Kind::Money, Kind::Int, Kind::Int, Kind::Int];
 
 pub(crate) fn account_of(r: &Row) -> Account {
-    Account { id: r.text(0), currency: r.text(1), balance: r.money(2), in_arrears_since: r.opt_int(3), grace_days: r.int(4), retention_days: r.int(5) }
+    Account {
+        id: r.text(0),
+        currency: r.text(1),
+        balance: r.money(2),
+        in_arrears_since: r.opt_int(3),
+        grace_days: r.int(4),
+        retention_days: r.int(5),
+    }
 }
 
 pub(crate) const RESOURCE_KINDS: &[Kind] = &[Kind::Text, Kind::Text, Kind::Text, Kind::Int, Kind::Int, Kind::Int];
 
 pub(crate) fn resource_of(r: &Row) -> MeteredResource {
-    MeteredResource { id: r.text(0), account_id: r.text(1), plan_id: r.text(2), quantity: r.int(3), created_at: r.int(4), deleted_at: r.opt_int(5) }
+    MeteredResource {
+        id: r.text(0),
+        account_id: r.text(1),
+        plan_id: r.text(2),
+        quantity: r.int(3),
+        created_at: r.int(4),
+        deleted_at: r.opt_int(5),
+    }
 }
 
 pub(crate) fn plan_of(r: &Row) -> Result<Plan> {
@@ -43,7 +57,12 @@ pub struct LoadSummary {
 async fn known_for(tx: &mut Tx, doc: &Document, known: &mut Known) -> Result<()> {
     let (accounts, plans, resources) = fixture::referenced_ids(doc);
     for id in accounts {
-        if !known.accounts.contains(&id) && !tx.rows("SELECT id FROM accounts WHERE id = $1", vec![id.clone().into()], &[Kind::Text]).await?.is_empty() {
+        if !known.accounts.contains(&id)
+            && !tx
+                .rows("SELECT id FROM accounts WHERE id = $1", vec![id.clone().into()], &[Kind::Text])
+                .await?
+                .is_empty()
+        {
             known.accounts.insert(id);
         }
     }
@@ -51,7 +70,11 @@ async fn known_for(tx: &mut Tx, doc: &Document, known: &mut Known) -> Result<()>
         if known.plans.contains_key(&id) {
             continue;
         }
-        if let Some(r) = tx.rows("SELECT doc FROM plans WHERE id = $1", vec![id.clone().into()], &[Kind::Text]).await?.first() {
+        if let Some(r) = tx
+            .rows("SELECT doc FROM plans WHERE id = $1", vec![id.clone().into()], &[Kind::Text])
+            .await?
+            .first()
+        {
             known.plans.insert(id, plan_of(r)?);
         }
     }
@@ -60,17 +83,39 @@ async fn known_for(tx: &mut Tx, doc: &Document, known: &mut Known) -> Result<()>
             continue;
         }
         let rows = tx
-            .rows("SELECT account_id, plan_id, mode, created_at, deleted_at FROM resources WHERE id = $1", vec![id.clone().into()], &[Kind::Text, Kind::Text, Kind::Text, Kind::Int, Kind::Int])
+            .rows(
+                "SELECT account_id, plan_id, mode, created_at, deleted_at FROM resources WHERE id = $1",
+                vec![id.clone().into()],
+                &[Kind::Text, Kind::Text, Kind::Text, Kind::Int, Kind::Int],
+            )
             .await?;
         if let Some(r) = rows.first() {
             let mode = BillingMode::parse(&r.text(2)).context("stored resource mode")?;
-            known.resources.insert(id, KnownResource { account_id: r.text(0), plan_id: r.text(1), mode, created_at: r.int(3), deleted_at: r.opt_int(4) });
+            known.resources.insert(
+                id,
+                KnownResource {
+                    account_id: r.text(0),
+                    plan_id: r.text(1),
+                    mode,
+                    created_at: r.int(3),
+                    deleted_at: r.opt_int(4),
+                },
+            );
         }
     }
     // plans of referenced resources, for usage item checks
-    let missing: Vec<String> = known.resources.values().map(|r| r.plan_id.clone()).filter(|p| !known.plans.contains_key(p)).collect();
+    let missing: Vec<String> = known
+        .resources
+        .values()
+        .map(|r| r.plan_id.clone())
+        .filter(|p| !known.plans.contains_key(p))
+        .collect();
     for id in missing {
-        if let Some(r) = tx.rows("SELECT doc FROM plans WHERE id = $1", vec![id.clone().into()], &[Kind::Text]).await?.first() {
+        if let Some(r) = tx
+            .rows("SELECT doc FROM plans WHERE id = $1", vec![id.clone().into()], &[Kind::Text])
+            .await?
+            .first()
+        {
             known.plans.insert(id, plan_of(r)?);
         }
     }
@@ -79,7 +124,15 @@ async fn known_for(tx: &mut Tx, doc: &Document, known: &mut Known) -> Result<()>
 
 /// The settle job's watermark: the last billing hour settled in order.
 pub(crate) async fn watermark(tx: &mut Tx) -> Result<Option<i64>> {
-    Ok(tx.rows("SELECT watermark FROM job_state WHERE job = $1", vec![SETTLE_JOB.into()], &[Kind::Int]).await?.first().map(|r| r.int(0)))
+    Ok(tx
+        .rows(
+            "SELECT watermark FROM job_state WHERE job = $1",
+            vec![SETTLE_JOB.into()],
+            &[Kind::Int],
+        )
+        .await?
+        .first()
+        .map(|r| r.int(0)))
 }
 
 /// Loads documents, all or nothing: each is validated against the database and the documents
@@ -103,7 +156,8 @@ pub async fn load_documents(db: &Db, zone: &BillingZone, docs: &[(String, Docume
     }
     summary.hours_marked_for_resettlement = dirty.len();
     let rows: Vec<Vec<Val>> = dirty.into_iter().map(|h| vec![Val::from(h)]).collect();
-    tx.insert_rows("dirty_hours", &["hour_start"], rows, "ON CONFLICT (hour_start) DO NOTHING").await?;
+    tx.insert_rows("dirty_hours", &["hour_start"], rows, "ON CONFLICT (hour_start) DO NOTHING")
+        .await?;
     tx.commit().await?;
     Ok(summary)
 }
@@ -116,21 +170,72 @@ fn mark_dirty(zone: &BillingZone, from: i64, to: i64, watermark: Option<i64>, di
     }
 }
 
-async fn write_batch(tx: &mut Tx, zone: &BillingZone, b: &Batch, watermark: Option<i64>, known: &Known, dirty: &mut BTreeSet<i64>, s: &mut LoadSummary) -> Result<()> {
+async fn write_batch(
+    tx: &mut Tx,
+    zone: &BillingZone,
+    b: &Batch,
+    watermark: Option<i64>,
+    known: &Known,
+    dirty: &mut BTreeSet<i64>,
+    s: &mut LoadSummary,
+) -> Result<()> {
     let accounts = b
         .accounts
         .iter()
-        .map(|a| vec![a.id.clone().into(), a.currency.clone().into(), a.balance.into(), a.balance.into(), a.grace_days.into(), a.retention_days.into()])
+        .map(|a| {
+            vec![
+                a.id.clone().into(),
+                a.currency.clone().into(),
+                a.balance.into(),
+                a.balance.into(),
+                a.grace_days.into(),
+                a.retention_days.into(),
+            ]
+        })
         .collect();
-    s.accounts += tx.insert_rows("accounts", &["id", "currency", "opening_balance", "balance", "grace_days", "retention_days"], accounts, "").await? as usize;
-    let plans = b.plans.iter().map(|p| Ok(vec![p.id.clone().into(), p.product.clone().into(), serde_json::to_string(p)?.into()])).collect::<Result<Vec<_>>>()?;
+    s.accounts += tx
+        .insert_rows(
+            "accounts",
+            &["id", "currency", "opening_balance", "balance", "grace_days", "retention_days"],
+            accounts,
+            "",
+        )
+        .await? as usize;
+    let plans = b
+        .plans
+        .iter()
+        .map(|p| {
+            Ok(vec![
+                p.id.clone().into(),
+                p.product.clone().into(),
+                serde_json::to_string(p)?.into(),
+            ])
+        })
+        .collect::<Result<Vec<_>>>()?;
     s.plans += tx.insert_rows("plans", &["id", "product", "doc"], plans, "").await? as usize;
     let resources = b
         .resources
         .iter()
-        .map(|r| vec![r.id.clone().into(), r.account_id.clone().into(), r.plan_id.clone().into(), r.mode.as_str().into(), r.quantity.into(), r.created_at.into(), r.deleted_at.into()])
+        .map(|r| {
+            vec![
+                r.id.clone().into(),
+                r.account_id.clone().into(),
+                r.plan_id.clone().into(),
+                r.mode.as_str().into(),
+                r.quantity.into(),
+                r.created_at.into(),
+                r.deleted_at.into(),
+            ]
+        })
         .collect();
-    s.resources += tx.insert_rows("resources", &["id", "account_id", "plan_id", "mode", "quantity", "created_at", "deleted_at"], resources, "").await? as usize;
+    s.resources += tx
+        .insert_rows(
+            "resources",
+            &["id", "account_id", "plan_id", "mode", "quantity", "created_at", "deleted_at"],
+            resources,
+            "",
+        )
+        .await? as usize;
     for r in &b.resources {
         if known.plans.get(&r.plan_id).is_some_and(|p| p.hourly.contains_key(INSTANCE_ITEM)) {
             mark_dirty(zone, r.created_at, r.deleted_at.unwrap_or(i64::MAX), watermark, dirty);
@@ -154,9 +259,24 @@ async fn write_batch(tx: &mut Tx, zone: &BillingZone, b: &Batch, watermark: Opti
     let segments = b
         .segments
         .iter()
-        .map(|u| vec![u.resource_id.clone().into(), u.item.clone().into(), u.quantity.into(), u.from.into(), u.to.into()])
+        .map(|u| {
+            vec![
+                u.resource_id.clone().into(),
+                u.item.clone().into(),
+                u.quantity.into(),
+                u.from.into(),
+                u.to.into(),
+            ]
+        })
         .collect();
-    s.usage += tx.insert_rows("usage_segments", &["resource_id", "item", "quantity", "from_at", "to_at"], segments, "").await? as usize;
+    s.usage += tx
+        .insert_rows(
+            "usage_segments",
+            &["resource_id", "item", "quantity", "from_at", "to_at"],
+            segments,
+            "",
+        )
+        .await? as usize;
     for t in &b.topups {
         post_topup(tx, &t.account_id, t.amount, t.at).await?;
         s.topups += 1;
@@ -172,7 +292,10 @@ pub(crate) async fn account(tx: &mut Tx, id: &str) -> Result<Option<Account>> {
 
 /// Writes balance and arrears state of accounts, many per statement.
 pub(crate) async fn save_accounts(tx: &mut Tx, accounts: Vec<&Account>) -> Result<()> {
-    let rows = accounts.into_iter().map(|a| vec![a.id.clone().into(), a.balance.into(), a.in_arrears_since.into()]).collect();
+    let rows = accounts
+        .into_iter()
+        .map(|a| vec![a.id.clone().into(), a.balance.into(), a.in_arrears_since.into()])
+        .collect();
     tx.values_statements(
         "WITH v(id, balance, since) AS (VALUES ",
         3,
@@ -188,11 +311,19 @@ pub(crate) async fn record_arrears_events(tx: &mut Tx, events: &[ArrearsEvent]) 
     for e in events {
         match e {
             ArrearsEvent::Began { account_id, at } => {
-                tx.exec("INSERT INTO arrears_periods (account_id, began_at) VALUES ($1, $2) ON CONFLICT DO NOTHING", vec![account_id.into(), (*at).into()]).await?;
+                tx.exec(
+                    "INSERT INTO arrears_periods (account_id, began_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    vec![account_id.into(), (*at).into()],
+                )
+                .await?;
                 notify(tx, "arrears_began", account_id, *at).await?;
             }
             ArrearsEvent::Cleared { account_id, at } => {
-                tx.exec("UPDATE arrears_periods SET cleared_at = $2 WHERE account_id = $1 AND cleared_at IS NULL", vec![account_id.into(), (*at).into()]).await?;
+                tx.exec(
+                    "UPDATE arrears_periods SET cleared_at = $2 WHERE account_id = $1 AND cleared_at IS NULL",
+                    vec![account_id.into(), (*at).into()],
+                )
+                .await?;
                 notify(tx, "arrears_cleared", account_id, *at).await?;
             }
         }
@@ -212,7 +343,9 @@ async fn notify(tx: &mut Tx, kind: &str, account_id: &str, at: i64) -> Result<()
 
 /// Credits a top-up at `at`; one that brings the balance to zero or above ends arrears.
 pub(crate) async fn post_topup(tx: &mut Tx, account_id: &str, amount: Decimal, at: i64) -> Result<Decimal> {
-    let acc = account(tx, account_id).await?.ok_or_else(|| InputError(format!("topup: unknown account {account_id:?}")))?;
+    let acc = account(tx, account_id)
+        .await?
+        .ok_or_else(|| InputError(format!("topup: unknown account {account_id:?}")))?;
     let mut book = AccountBook::new(acc);
     let mut events = Vec::new();
     let mut after = book.account.balance + amount;

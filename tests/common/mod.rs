@@ -29,16 +29,37 @@ pub struct Backend {
 
 impl Backend {
     pub async fn open(&self, tz: &str) -> Billing {
-        let cfg = Config { database_url: self.url.clone(), timezone: Some(BillingZone::parse(tz).unwrap()), settle: SettleSchedule::default() };
+        let cfg = Config {
+            database_url: self.url.clone(),
+            timezone: Some(BillingZone::parse(tz).unwrap()),
+            settle: SettleSchedule::default(),
+        };
         Billing::open(&cfg).await.unwrap_or_else(|e| panic!("{}: {e:#}", self.name))
     }
+}
 
-    pub async fn drop_db(&self) {
-        if let (Some(admin), Some(name)) = (&self.admin_url, &self.db_name) {
-            let db = billrun::store::db::Db::connect(admin).await.unwrap();
-            db.exec(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")), vec![]).await.unwrap();
-            db.close().await;
+/// Dropping a backend drops its PostgreSQL database, even when the story panicked.
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if self.db_name.is_none() {
+            return;
         }
+        let (admin, name) = (self.admin_url.take(), self.db_name.take());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Ok(db) = billrun::store::db::Db::connect(admin.as_deref().unwrap_or_default()).await {
+                    let _ = db
+                        .exec(
+                            sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", name.unwrap_or_default())),
+                            vec![],
+                        )
+                        .await;
+                    db.close().await;
+                }
+            });
+        })
+        .join();
     }
 }
 
@@ -50,7 +71,10 @@ pub fn pg_url() -> Option<String> {
         }
         NOTICE.call_once(|| {
             // written past the test harness's capture so that it is seen
-            let _ = writeln!(std::io::stderr(), "NOTICE: PostgreSQL tests skipped: set BILLRUN_TEST_DATABASE_URL=postgres://USER@HOST/DB to run them");
+            let _ = writeln!(
+                std::io::stderr(),
+                "NOTICE: PostgreSQL tests skipped: set BILLRUN_TEST_DATABASE_URL=postgres://USER@HOST/DB to run them"
+            );
         });
     }
     url
@@ -58,25 +82,52 @@ pub fn pg_url() -> Option<String> {
 
 fn unique_name() -> String {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
     format!("billrun_test_{}_{}_{}", std::process::id(), n, nanos)
 }
 
-/// Fresh databases, one per backend available.
-pub async fn backends() -> Vec<Backend> {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("billrun.db").display());
-    let mut out = vec![Backend { name: "sqlite", url, admin_url: None, db_name: None, _dir: Some(dir) }];
-    if let Some(admin) = pg_url() {
-        let name = unique_name();
-        let db = billrun::store::db::Db::connect(&admin).await.expect("BILLRUN_TEST_DATABASE_URL must be reachable");
-        db.exec(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")), vec![]).await.unwrap();
-        db.close().await;
-        let (base, _) = admin.rsplit_once('/').expect("URL with a database name");
-        let base = base.to_string();
-        out.push(Backend { name: "postgres", url: format!("{base}/{name}"), admin_url: Some(admin), db_name: Some(name), _dir: None });
+/// Names of the backends available to this test run.
+pub fn available() -> Vec<&'static str> {
+    let mut v = vec!["sqlite"];
+    if pg_url().is_some() {
+        v.push("postgres");
     }
-    out
+    v
+}
+
+/// A fresh, empty database on the named backend.
+pub async fn fresh(name: &str) -> Backend {
+    if name == "sqlite" {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("billrun.db").display());
+        return Backend {
+            name: "sqlite",
+            url,
+            admin_url: None,
+            db_name: None,
+            _dir: Some(dir),
+        };
+    }
+    let admin = pg_url().expect("PostgreSQL URL");
+    let db_name = unique_name();
+    let db = billrun::store::db::Db::connect(&admin)
+        .await
+        .expect("BILLRUN_TEST_DATABASE_URL must be reachable");
+    db.exec(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")), vec![])
+        .await
+        .unwrap();
+    db.close().await;
+    let (base, _) = admin.rsplit_once('/').expect("URL with a database name");
+    Backend {
+        name: "postgres",
+        url: format!("{base}/{db_name}"),
+        admin_url: Some(admin.clone()),
+        db_name: Some(db_name),
+        _dir: None,
+    }
 }
 
 /// Runs `story` on every backend, each in a fresh database.
@@ -84,9 +135,9 @@ pub async fn on_each_backend<F>(story: F)
 where
     F: AsyncFn(&Backend),
 {
-    for b in backends().await {
+    for name in available() {
+        let b = fresh(name).await;
         story(&b).await;
-        b.drop_db().await;
     }
 }
 
@@ -101,7 +152,15 @@ pub async fn csv(b: &Billing) -> String {
 pub fn rows(csv: &str) -> Vec<std::collections::HashMap<String, String>> {
     let mut r = ::csv::Reader::from_reader(csv.as_bytes());
     let headers = r.headers().unwrap().clone();
-    r.records().map(|rec| headers.iter().zip(rec.unwrap().iter()).map(|(h, v)| (h.to_string(), v.to_string())).collect()).collect()
+    r.records()
+        .map(|rec| {
+            headers
+                .iter()
+                .zip(rec.unwrap().iter())
+                .map(|(h, v)| (h.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
 }
 
 pub fn dec(s: &str) -> rust_decimal::Decimal {

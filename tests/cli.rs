@@ -1,0 +1,131 @@
+//! The binary as operators and scripts use it: exit codes, messages, files, JSON shapes.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn billrun(url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_billrun"))
+        .arg("--database-url")
+        .arg(url)
+        .args(args)
+        .env_remove("BILLRUN_TIMEZONE")
+        .env_remove("BILLRUN_CONFIG")
+        .output()
+        .expect("billrun runs")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn fails(o: &Output, code: i32, mention: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    assert!(err.contains(mention), "stderr should mention {mention:?}: {err}");
+}
+
+#[tokio::test]
+async fn operator_session_end_to_end() {
+    common::on_each_backend(async |be| {
+        let dir = tempfile::tempdir().unwrap();
+        let url = be.url.as_str();
+        let good = dir.path().join("good.json");
+        std::fs::write(
+            &good,
+            r#"{"accounts": [{"id": "=acme", "balance": "1.00"}],
+                "plans": [{"id": "phone-pro", "product": "KooPhone", "hourly": {"instance": "0.72"}}],
+                "resources": [{"id": "p1", "account": "=acme", "plan": "phone-pro", "mode": "pay_per_use", "quantity": 2,
+                               "created_at": "2023-04-18T08:20:15Z"}]}"#,
+        )
+        .unwrap();
+        ok(&billrun(url, &["migrate"]));
+        ok(&billrun(url, &["load", good.to_str().unwrap()]));
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, r#"{"accounts": [{"id": "b2"}], "resources": [{"id": "p9", "account": "b2", "plan": "phone-pro", "mode": "pay_per_use", "created_at": "2023-04-18T08:00:00"}]}"#).unwrap();
+        fails(&billrun(url, &["load", bad.to_str().unwrap()]), 2, "resources[0] (id \"p9\"): field `created_at`");
+        fails(&billrun(url, &["tick", "--now", "2023-04-18T12:00:00"]), 2, "--now");
+        let out = ok(&billrun(url, &["tick", "--now", "2023-04-18T12:00:00Z"]));
+        assert!(out.contains("3 settle runs, 3 lines, 3.83 due"), "{out}");
+        let csv_path = dir.path().join("bills.csv");
+        ok(&billrun(url, &["export", "--out", csv_path.to_str().unwrap()]));
+        let csv = std::fs::read_to_string(&csv_path).unwrap();
+        let mut lines = csv.lines();
+        assert_eq!(
+            lines.next().unwrap(),
+            "transaction_id,transaction_time,account_id,resource_id,product,plan_id,billing_mode,transaction_type,billing_item,period_start,period_end,usage_seconds,quantity,unit_price,list_amount,truncated_amount,amount_due,paid_amount,arrears_amount,balance_after,currency"
+        );
+        let first: Vec<&str> = lines.next().unwrap().split(',').collect();
+        // 0.72/h x 2 x 2,385 s / 3600 = 0.954, due 0.95, truncated 0.004; the account id is defused
+        assert_eq!(&first[2..], ["'=acme", "p1", "KooPhone", "phone-pro", "pay_per_use", "usage", "instance", "2023-04-18T08:20:15Z", "2023-04-18T09:00:00Z", "2385", "2", "0.72", "0.954", "0.004", "0.95", "0.95", "0.00", "0.05", "USD"]);
+        let second: Vec<&str> = lines.next().unwrap().split(',').collect();
+        assert_eq!(&second[14..20], ["1.44", "0.00", "1.44", "0.05", "1.39", "-1.39"]);
+        let explained = ok(&billrun(url, &["explain", first[0]]));
+        assert!(explained.contains("0.72/h x 2 x 2385 s / 3600 = 0.954"), "{explained}");
+        assert!(explained.contains("settle run scheduled at 2023-04-18T10:00:00Z"), "{explained}");
+        let j: serde_json::Value = serde_json::from_str(&ok(&billrun(url, &["explain", first[0], "--json"]))).unwrap();
+        assert_eq!(j["inputs"]["seconds"], 2385);
+        fails(&billrun(url, &["explain", "tx_nope"]), 2, "tx_nope");
+
+        let status: serde_json::Value = serde_json::from_str(&ok(&billrun(url, &["status", "--json"]))).unwrap();
+        assert_eq!(status["accounts"][0]["id"], "=acme");
+        assert_eq!(status["accounts"][0]["balance"], "-2.83");
+        assert_eq!(status["accounts"][0]["in_arrears_since"], "2023-04-18T11:00:00Z");
+        assert_eq!(status["resources"][0]["state"], "running");
+        assert_eq!(status["resources"][0]["mode"], "pay_per_use");
+        assert_eq!(status["jobs"][0]["job"], "settle");
+        assert_eq!(status["jobs"][0]["last_scheduled_at"], "2023-04-18T12:00:00Z");
+        assert_eq!(status["jobs"][0]["last_outcome"], "ok");
+
+        ok(&billrun(url, &["topup", "=acme", "5.00", "--at", "2023-04-18T12:30:00Z"]));
+        fails(&billrun(url, &["topup", "=acme", "5.001"]), 2, "AMOUNT");
+        let notes: serde_json::Value = serde_json::from_str(&ok(&billrun(url, &["notifications", "--json"]))).unwrap();
+        let kinds: Vec<&str> = notes.as_array().unwrap().iter().map(|n| n["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["arrears_began", "arrears_cleared"]);
+        assert_eq!(notes[1]["at"], "2023-04-18T12:30:00Z");
+        assert!(notes[0]["resource_id"].is_null());
+
+        let dry = ok(&billrun(url, &["settle", "--hour", "2023-04-18T09:00:00Z", "--dry-run"]));
+        assert!(dry.contains("nothing to post"), "{dry}");
+        fails(&billrun(url, &["settle", "--hour", "2023-04-18T09:30:00Z"]), 2, "--hour");
+        fails(&billrun(url, &["--timezone", "Asia/Tokyo", "status"]), 2, "--timezone");
+        fails(&billrun(url, &["frobnicate"]), 2, "frobnicate");
+    })
+    .await;
+}
+
+#[test]
+fn passwords_stay_out_of_errors() {
+    let o = billrun("postgres://billing:s3cretpw@127.0.0.1:1/nowhere", &["status"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("s3cretpw"), "{err}");
+    assert!(err.contains("billing:***@127.0.0.1"), "{err}");
+}
+
+#[test]
+fn demo_runs_on_a_fresh_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("demo");
+    let o = Command::new(env!("CARGO_BIN_EXE_billrun"))
+        .args(["demo", "--dir", d.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let out = ok(&o);
+    assert!(out.contains("account globex is in arrears"), "{out}");
+    let csv = std::fs::read_to_string(d.join("bills.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 44, "header + 43 lines");
+    // a second demo starts afresh
+    let again = ok(&Command::new(env!("CARGO_BIN_EXE_billrun"))
+        .args(["demo", "--dir", d.to_str().unwrap()])
+        .output()
+        .unwrap());
+    assert_eq!(again, out);
+}
