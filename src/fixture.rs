@@ -340,7 +340,8 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
         plans.insert(plan.id.clone(), plan.clone());
         b.plans.push(plan);
     }
-    let accounts_known = |id: &str| known.accounts.contains(id) || b.accounts.iter().any(|a| a.id == id);
+    let new_accounts: HashSet<&str> = b.accounts.iter().map(|a| a.id.as_str()).collect();
+    let accounts_known = |id: &str| known.accounts.contains(id) || new_accounts.contains(id);
     let mut resources: HashMap<String, KnownResource> = known.resources.clone();
     for (i, x) in doc.resources.iter().enumerate() {
         let r = rec("resources", i, Some(&x.id));

@@ -377,9 +377,9 @@ pub struct LineContext<'a> {
 
 /// Charges drafts to their accounts in a fixed order (hour, account, resource, item, quantity) and
 /// turns them into ledger lines with `transaction_time` = `at`.
-pub fn post_drafts(
+pub fn post_drafts<'a>(
     mut drafts: Vec<UsageDraft>,
-    context: impl Fn(&str) -> Option<(MeteredResource, Plan)>,
+    context: impl Fn(&str) -> Option<(&'a MeteredResource, &'a Plan)>,
     books: &mut HashMap<String, AccountBook>,
     at: i64,
     run_job: &str,
@@ -388,7 +388,7 @@ pub fn post_drafts(
     let mut keyed: Vec<(String, UsageDraft)> = Vec::with_capacity(drafts.len());
     for d in drafts.drain(..) {
         let account = context(&d.resource_id)
-            .map(|(r, _)| r.account_id)
+            .map(|(r, _)| r.account_id.clone())
             .ok_or_else(|| format!("resource {} is not loaded", d.resource_id))?;
         keyed.push((account, d));
     }

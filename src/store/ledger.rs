@@ -69,17 +69,17 @@ const LINE_KINDS: &[Kind] = &[
     Kind::Text,
 ];
 
-fn line_row(l: LedgerLine) -> Vec<Val> {
+fn line_row(l: &LedgerLine) -> Vec<Val> {
     vec![
-        l.transaction_id.into(),
+        l.transaction_id.clone().into(),
         l.transaction_time.into(),
-        l.account_id.into(),
-        l.resource_id.into(),
-        l.product.into(),
-        l.plan_id.into(),
+        l.account_id.clone().into(),
+        l.resource_id.clone().into(),
+        l.product.clone().into(),
+        l.plan_id.clone().into(),
         l.billing_mode.as_str().into(),
         l.transaction_type.as_str().into(),
-        l.billing_item.into(),
+        l.billing_item.clone().into(),
         l.period_start.into(),
         l.period_end.into(),
         l.usage_seconds.into(),
@@ -91,13 +91,13 @@ fn line_row(l: LedgerLine) -> Vec<Val> {
         l.paid_amount.into(),
         l.arrears_amount.into(),
         l.balance_after.into(),
-        l.currency.into(),
+        l.currency.clone().into(),
         l.hour_start.into(),
-        l.line_key.into(),
+        l.line_key.clone().into(),
         l.revision.into(),
-        l.run_job.into(),
+        l.run_job.clone().into(),
         l.run_at.into(),
-        l.explain.into(),
+        l.explain.clone().into(),
     ]
 }
 
@@ -135,8 +135,8 @@ fn line_of(r: &Row) -> Result<LedgerLine> {
 
 /// Appends lines. The unique (line_key, revision) makes a second posting of the same line fail the
 /// whole transaction instead of charging twice.
-pub(crate) async fn post_lines(tx: &mut Tx, lines: Vec<LedgerLine>) -> Result<u64> {
-    let rows = lines.into_iter().map(line_row).collect();
+pub(crate) async fn post_lines(tx: &mut Tx, lines: &[LedgerLine]) -> Result<u64> {
+    let rows = lines.iter().map(line_row).collect();
     tx.insert_rows("ledger", LINE_COLUMNS, rows, "").await
 }
 

@@ -98,7 +98,7 @@ pub async fn settle(db: &Db, zone: &BillingZone, run: &SettleRun) -> Result<Sett
         tx.rollback().await?;
         return Ok(out);
     }
-    ledger::post_lines(&mut tx, out.lines.clone()).await?;
+    ledger::post_lines(&mut tx, &out.lines).await?;
     let changed: Vec<_> = books.values().filter(|b| b.changed).map(|b| &b.account).collect();
     save_accounts(&mut tx, changed).await?;
     record_arrears_events(&mut tx, &events).await?;
@@ -211,10 +211,6 @@ async fn settle_hour(
         let a = account_of(r);
         books.entry(a.id.clone()).or_insert_with(|| AccountBook::new(a));
     }
-    let context = |id: &str| {
-        resources
-            .get(id)
-            .and_then(|r| plans.get(&r.plan_id).map(|p| (r.clone(), p.clone())))
-    };
+    let context = |id: &str| resources.get(id).and_then(|r| plans.get(&r.plan_id).map(|p| (r, p)));
     post_drafts(drafts, context, books, run.at, &run.job, events).map_err(|e| anyhow!("hour {}: {e}", zone.format(hour)))
 }

@@ -56,68 +56,46 @@ pub struct LoadSummary {
 
 async fn known_for(tx: &mut Tx, doc: &Document, known: &mut Known) -> Result<()> {
     let (accounts, plans, resources) = fixture::referenced_ids(doc);
-    for id in accounts {
-        if !known.accounts.contains(&id)
-            && !tx
-                .rows("SELECT id FROM accounts WHERE id = $1", vec![id.clone().into()], &[Kind::Text])
-                .await?
-                .is_empty()
-        {
-            known.accounts.insert(id);
-        }
+    let accounts: Vec<String> = accounts.into_iter().filter(|id| !known.accounts.contains(id)).collect();
+    for r in tx
+        .rows_in("SELECT id FROM accounts WHERE id IN", &accounts, "", &[Kind::Text])
+        .await?
+    {
+        known.accounts.insert(r.text(0));
     }
-    for id in plans {
-        if known.plans.contains_key(&id) {
-            continue;
-        }
-        if let Some(r) = tx
-            .rows("SELECT doc FROM plans WHERE id = $1", vec![id.clone().into()], &[Kind::Text])
-            .await?
-            .first()
-        {
-            known.plans.insert(id, plan_of(r)?);
-        }
+    let resources: Vec<String> = resources.into_iter().filter(|id| !known.resources.contains_key(id)).collect();
+    let rows = tx
+        .rows_in(
+            "SELECT id, account_id, plan_id, mode, created_at, deleted_at FROM resources WHERE id IN",
+            &resources,
+            "",
+            &[Kind::Text, Kind::Text, Kind::Text, Kind::Text, Kind::Int, Kind::Int],
+        )
+        .await?;
+    for r in rows {
+        let mode = BillingMode::parse(&r.text(3)).context("stored resource mode")?;
+        known.resources.insert(
+            r.text(0),
+            KnownResource {
+                account_id: r.text(1),
+                plan_id: r.text(2),
+                mode,
+                created_at: r.int(4),
+                deleted_at: r.opt_int(5),
+            },
+        );
     }
-    for id in resources {
-        if known.resources.contains_key(&id) {
-            continue;
-        }
-        let rows = tx
-            .rows(
-                "SELECT account_id, plan_id, mode, created_at, deleted_at FROM resources WHERE id = $1",
-                vec![id.clone().into()],
-                &[Kind::Text, Kind::Text, Kind::Text, Kind::Int, Kind::Int],
-            )
-            .await?;
-        if let Some(r) = rows.first() {
-            let mode = BillingMode::parse(&r.text(2)).context("stored resource mode")?;
-            known.resources.insert(
-                id,
-                KnownResource {
-                    account_id: r.text(0),
-                    plan_id: r.text(1),
-                    mode,
-                    created_at: r.int(3),
-                    deleted_at: r.opt_int(4),
-                },
-            );
-        }
-    }
-    // plans of referenced resources, for usage item checks
-    let missing: Vec<String> = known
-        .resources
-        .values()
-        .map(|r| r.plan_id.clone())
-        .filter(|p| !known.plans.contains_key(p))
+    // plans named by the document and plans of the resources it refers to
+    let mut plans: Vec<String> = plans
+        .into_iter()
+        .chain(known.resources.values().map(|r| r.plan_id.clone()))
         .collect();
-    for id in missing {
-        if let Some(r) = tx
-            .rows("SELECT doc FROM plans WHERE id = $1", vec![id.clone().into()], &[Kind::Text])
-            .await?
-            .first()
-        {
-            known.plans.insert(id, plan_of(r)?);
-        }
+    plans.sort();
+    plans.dedup();
+    plans.retain(|id| !known.plans.contains_key(id));
+    for r in tx.rows_in("SELECT doc FROM plans WHERE id IN", &plans, "", &[Kind::Text]).await? {
+        let plan = plan_of(&r)?;
+        known.plans.insert(plan.id.clone(), plan);
     }
     Ok(())
 }
