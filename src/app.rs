@@ -1,17 +1,19 @@
 //! What each command does, as library functions over an open database: the CLI and the tests call
 //! these, so the tests drive exactly what an operator runs.
 
+use crate::billing::lifecycle::{arrears_transitions, expiry_transitions, state_at, ArrearsPeriod, State};
 use crate::billing::model::LedgerLine;
 use crate::billing::money::{fmt_amount, fmt_cents};
 use crate::billing::zone::{parse_instant, BillingZone};
 use crate::config::Config;
 use crate::error::InputError;
 use crate::fixture::parse_document;
-use crate::jobs::settle::{self as settle_job, CatchUp, SettleSchedule};
+use crate::jobs::settle::{self as settle_job, SettleSchedule};
+use crate::jobs::{self, JobRun};
 use crate::store::db::{Db, Kind};
 use crate::store::settle::{settle, SettleOutcome, SettleRun};
 use crate::store::world::{self, LoadSummary, SETTLE_JOB};
-use crate::store::{ledger, schema};
+use crate::store::{ledger, schema, subscriptions};
 use anyhow::{Context, Result};
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -59,19 +61,12 @@ impl Billing {
         world::load_documents(&self.db, &self.zone, &docs).await
     }
 
-    /// Runs every job due up to `now`, oldest first, each at its own scheduled instant.
-    pub async fn tick(&self, now: i64, mut on_run: impl FnMut(i64, &SettleOutcome)) -> Result<CatchUp> {
+    /// Runs every job due up to `now`, oldest first across jobs, each at its own scheduled instant.
+    pub async fn tick(&self, now: i64, mut on_run: impl FnMut(i64, &JobRun)) -> Result<CatchUp> {
         let mut total = CatchUp::default();
-        while let Some((at, out)) = settle_job::run_next(&self.db, &self.zone, &self.settle, now).await? {
-            if out.skipped {
-                total.skipped += 1;
-            } else {
-                total.runs += 1;
-                total.lines += out.lines.len();
-                total.amount_due += out.amount_due;
-                total.arrears_began.extend(out.arrears_began.iter().cloned());
-            }
-            on_run(at, &out);
+        while let Some((at, run)) = jobs::run_next(&self.db, &self.zone, &self.settle, now).await? {
+            total.add(&run);
+            on_run(at, &run);
         }
         self.db
             .exec(
@@ -158,28 +153,7 @@ impl Billing {
                 in_arrears_since: r.opt_int(2).map(|t| self.fmt(t)),
             })
             .collect();
-        let resources = self
-            .db
-            .rows(
-                "SELECT id, account_id, mode, deleted_at FROM resources ORDER BY id",
-                vec![],
-                &[Kind::Text, Kind::Text, Kind::Text, Kind::Int],
-            )
-            .await?
-            .iter()
-            .map(|r| ResourceStatus {
-                id: r.text(0),
-                account_id: r.text(1),
-                mode: r.text(2),
-                state: if r.opt_int(3).is_some_and(|d| d <= as_of) {
-                    "deleted"
-                } else {
-                    "running"
-                }
-                .to_string(),
-                expires_on: None,
-            })
-            .collect();
+        let resources = self.resource_states(as_of).await?;
         let jobs = self
             .db
             .rows(
@@ -212,17 +186,19 @@ impl Billing {
                 failures: r.int(3),
             });
         }
-        if !job_status.iter().any(|j| j.job == SETTLE_JOB) {
-            job_status.insert(
-                0,
-                JobStatus {
-                    job: SETTLE_JOB.into(),
-                    last_scheduled_at: None,
-                    last_outcome: None,
-                    runs: 0,
-                    failures: 0,
-                },
-            );
+        for job in [subscriptions::DAILY_JOB, SETTLE_JOB] {
+            if !job_status.iter().any(|j| j.job == job) {
+                job_status.insert(
+                    0,
+                    JobStatus {
+                        job: job.into(),
+                        last_scheduled_at: None,
+                        last_outcome: None,
+                        runs: 0,
+                        failures: 0,
+                    },
+                );
+            }
         }
         let st = settle_job::state(&self.db).await?;
         let dirty = self.db.rows("SELECT COUNT(*) FROM dirty_hours", vec![], &[Kind::Int]).await?[0].int(0);
@@ -240,12 +216,93 @@ impl Billing {
         })
     }
 
+    /// Every resource's state at `t`: states are functions of time, whichever run recorded them.
+    pub async fn resource_states(&self, t: i64) -> Result<Vec<ResourceStatus>> {
+        let accounts: std::collections::HashMap<String, (i64, i64)> = self
+            .db
+            .rows(
+                "SELECT id, grace_days, retention_days FROM accounts",
+                vec![],
+                &[Kind::Text, Kind::Int, Kind::Int],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.text(0), (r.int(1), r.int(2))))
+            .collect();
+        let mut periods: std::collections::HashMap<String, Vec<ArrearsPeriod>> = std::collections::HashMap::new();
+        let sql = "SELECT account_id, began_at, cleared_at FROM arrears_periods ORDER BY account_id, began_at";
+        for r in self.db.rows(sql, vec![], &[Kind::Text, Kind::Int, Kind::Int]).await? {
+            periods.entry(r.text(0)).or_default().push(ArrearsPeriod {
+                began: r.int(1),
+                cleared: r.opt_int(2),
+            });
+        }
+        let rows = self
+            .db
+            .rows(
+                "SELECT id, account_id, mode, created_at, deleted_at, expires_on, ppu_from, ppu_at_expiry, released_at FROM resources ORDER BY id",
+                vec![],
+                &[Kind::Text, Kind::Text, Kind::Text, Kind::Int, Kind::Int, Kind::Text, Kind::Int, Kind::Int, Kind::Int],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let (id, account_id, mode) = (r.text(0), r.text(1), r.text(2));
+            let (grace, retention) = accounts.get(&account_id).copied().unwrap_or((15, 15));
+            let expires_on = r.opt_text(5);
+            let ppu_from = r.opt_int(6).filter(|p| *p <= t);
+            let arrears_state = |start: i64| {
+                let trs = arrears_transitions(
+                    &self.zone,
+                    periods.get(&account_id).map(|v| v.as_slice()).unwrap_or(&[]),
+                    grace,
+                    retention,
+                );
+                let trs: Vec<_> = trs.into_iter().filter(|tr| tr.at >= start).collect();
+                state_at(&trs, t)
+            };
+            let state = if r.opt_int(8).is_some_and(|x| x <= t) {
+                State::Released
+            } else if mode == "pay_per_use" || ppu_from.is_some() {
+                if r.opt_int(4).is_some_and(|d| d <= t) {
+                    State::Deleted
+                } else {
+                    arrears_state(ppu_from.unwrap_or(r.int(3)).max(r.int(3)))
+                }
+            } else {
+                let date = chrono::NaiveDate::parse_from_str(expires_on.as_deref().unwrap_or_default(), "%Y-%m-%d")
+                    .context("stored expires_on")?;
+                state_at(&expiry_transitions(&self.zone, date, grace, retention), t)
+            };
+            out.push(ResourceStatus {
+                id,
+                account_id,
+                mode: if ppu_from.is_some() { "pay_per_use".to_string() } else { mode },
+                state: state.as_str().to_string(),
+                expires_on: if ppu_from.is_some() { None } else { expires_on },
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn renew(&self, resource: &str, periods: i64, at: i64) -> Result<LedgerLine> {
+        subscriptions::renew(&self.db, &self.zone, resource, periods, at).await
+    }
+
+    pub async fn unsubscribe(&self, resource: &str, at: i64) -> Result<Option<LedgerLine>> {
+        subscriptions::unsubscribe(&self.db, &self.zone, resource, at).await
+    }
+
+    pub async fn to_ppu(&self, resource: &str, now: bool, at: i64) -> Result<(i64, Option<LedgerLine>)> {
+        subscriptions::to_ppu(&self.db, &self.zone, resource, now, at).await
+    }
+
     pub async fn notifications(&self, account: Option<&str>) -> Result<Vec<serde_json::Value>> {
         let rows = self
             .db
             .rows(
                 "SELECT kind, account_id, resource_id, at, days_before, expires_on, reason, delivery FROM notifications \
-                 WHERE ($1 = '' OR account_id = $1) ORDER BY at, id",
+                 WHERE ($1 = '' OR account_id = $1) ORDER BY at, kind, resource_id, event_key",
                 vec![account.unwrap_or("").into()],
                 &[
                     Kind::Text,
@@ -266,6 +323,47 @@ impl Billing {
                        "days_before": r.opt_int(4), "expires_on": r.opt_text(5), "reason": r.opt_text(6), "delivery": r.text(7)})
             })
             .collect())
+    }
+}
+
+/// Totals of a catch-up.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CatchUp {
+    pub settle_runs: usize,
+    pub daily_runs: usize,
+    pub skipped: usize,
+    pub lines: usize,
+    pub amount_due: Decimal,
+    pub renewals: usize,
+    pub renewal_failures: usize,
+    pub transitions: usize,
+    pub alerts: usize,
+    pub arrears_began: Vec<String>,
+}
+
+impl CatchUp {
+    fn add(&mut self, run: &JobRun) {
+        if run.skipped() {
+            self.skipped += 1;
+            return;
+        }
+        match run {
+            JobRun::Settle(o) => {
+                self.settle_runs += 1;
+                self.lines += o.lines.len();
+                self.amount_due += o.amount_due;
+                self.arrears_began.extend(o.arrears_began.iter().cloned());
+            }
+            JobRun::Daily(o) => {
+                self.daily_runs += 1;
+                self.lines += o.lines.len();
+                self.amount_due += o.lines.iter().map(|l| l.amount_due).sum::<Decimal>();
+                self.renewals += o.renewals;
+                self.renewal_failures += o.renewal_failures;
+                self.transitions += o.transitions;
+                self.alerts += o.alerts;
+            }
+        }
     }
 }
 

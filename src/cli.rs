@@ -68,6 +68,30 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Renew a yearly/monthly subscription for N periods (also when expired or frozen)
+    Renew {
+        resource: String,
+        #[arg(long)]
+        periods: i64,
+        #[arg(long)]
+        at: Option<String>,
+    },
+    /// Unsubscribe: refund what is unused and release the resource
+    Unsubscribe {
+        resource: String,
+        #[arg(long)]
+        at: Option<String>,
+    },
+    /// Change a subscription to pay-per-use, now (with a refund) or at expiry
+    ToPpu {
+        resource: String,
+        #[arg(long, conflicts_with = "at_expiry", required_unless_present = "at_expiry")]
+        now: bool,
+        #[arg(long)]
+        at_expiry: bool,
+        #[arg(long)]
+        at: Option<String>,
+    },
     /// Credit an account
     Topup {
         account: String,
@@ -137,24 +161,19 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Tick { now } => {
             let now = at_or_now("--now", &now)?;
-            let total = b
-                .tick(now, |at, out| {
-                    if !out.lines.is_empty() {
-                        tracing::info!(run = %b.fmt(at), hours = out.hours.len(), lines = out.lines.len(), amount_due = %out.amount_due, "settled");
-                    }
-                })
-                .await?;
+            let total = b.tick(now, |at, run| crate::daemon::log_run(&b, at, run)).await?;
             println!(
-                "tick to {}: {} settle runs, {} lines, {} due{}",
+                "tick to {}: {} settle runs, {} daily runs, {} lines, {} due; {} renewals, {} failed renewal attempts, {} transitions, {} alerts{}",
                 b.fmt(now),
-                total.runs,
+                total.settle_runs,
+                total.daily_runs,
                 total.lines,
                 crate::billing::money::fmt_cents(total.amount_due),
-                if total.skipped > 0 {
-                    format!(", {} runs already done by another runner", total.skipped)
-                } else {
-                    String::new()
-                }
+                total.renewals,
+                total.renewal_failures,
+                total.transitions,
+                total.alerts,
+                if total.skipped > 0 { format!(", {} runs already done by another runner", total.skipped) } else { String::new() }
             );
         }
         Command::Run { poll_seconds } => crate::daemon::run(&b, poll_seconds).await?,
@@ -187,6 +206,48 @@ pub async fn run(cli: Cli) -> Result<()> {
                     );
                 }
             }
+        }
+        Command::Renew { resource, periods, at } => {
+            let at = at_or_now("--at", &at)?;
+            let l = b.renew(&resource, periods, at).await?;
+            println!(
+                "{resource}: renewed to {} for {} ({}), balance {}",
+                b.fmt(l.period_end),
+                crate::billing::money::fmt_cents(l.amount_due),
+                l.transaction_id,
+                crate::billing::money::fmt_cents(l.balance_after)
+            );
+        }
+        Command::Unsubscribe { resource, at } => {
+            let at = at_or_now("--at", &at)?;
+            match b.unsubscribe(&resource, at).await? {
+                Some(l) => println!(
+                    "{resource}: released at {}, refunded {} ({})",
+                    b.fmt(at),
+                    crate::billing::money::fmt_cents(-l.amount_due),
+                    l.transaction_id
+                ),
+                None => println!("{resource}: released at {}, nothing to refund", b.fmt(at)),
+            }
+        }
+        Command::ToPpu {
+            resource,
+            now,
+            at_expiry: _,
+            at,
+        } => {
+            let at = at_or_now("--at", &at)?;
+            let (from, line) = b.to_ppu(&resource, now, at).await?;
+            println!(
+                "{resource}: billed pay-per-use from {}{}",
+                b.fmt(from),
+                line.map(|l| format!(
+                    ", refunded {} ({})",
+                    crate::billing::money::fmt_cents(-l.amount_due),
+                    l.transaction_id
+                ))
+                .unwrap_or_default()
+            );
         }
         Command::Topup { account, amount, at } => {
             let at = at_or_now("--at", &at)?;
@@ -282,6 +343,7 @@ fn print_status(s: &crate::app::Status) {
     }
     println!("resources:");
     for r in &s.resources {
-        println!("  {:<16} {:<16} {:<12} {}", r.id, r.account_id, r.mode, r.state);
+        let expires = r.expires_on.as_deref().map(|e| format!("expires {e}")).unwrap_or_default();
+        println!("  {:<16} {:<16} {:<12} {:<9} {}", r.id, r.account_id, r.mode, r.state, expires);
     }
 }

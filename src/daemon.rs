@@ -3,7 +3,7 @@
 
 use crate::app::Billing;
 use crate::clock;
-use crate::jobs::settle as settle_job;
+use crate::jobs::{self, JobRun};
 use anyhow::Result;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,6 +27,20 @@ async fn shutdown_signal() {
     ctrl_c.await.unwrap_or(());
 }
 
+/// One log line per run that did something; empty hourly runs log at debug.
+pub fn log_run(b: &Billing, at: i64, run: &JobRun) {
+    match run {
+        JobRun::Settle(o) if o.skipped => tracing::info!(run = %b.fmt(at), "settle run already done by another runner"),
+        JobRun::Settle(o) if o.lines.is_empty() => tracing::debug!(run = %b.fmt(at), hours = o.hours.len(), "settle run: nothing to post"),
+        JobRun::Settle(o) => {
+            tracing::info!(run = %b.fmt(at), hours = o.hours.len(), lines = o.lines.len(), amount_due = %o.amount_due, "settle run")
+        }
+        JobRun::Daily(o) => tracing::info!(
+            run = %b.fmt(at), renewals = o.renewals, failed_attempts = o.renewal_failures, transitions = o.transitions, alerts = o.alerts, skipped = o.skipped, "daily run"
+        ),
+    }
+}
+
 pub async fn run(b: &Billing, poll_seconds: u64) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let wake = Arc::new(Notify::new());
@@ -42,15 +56,15 @@ pub async fn run(b: &Billing, poll_seconds: u64) -> Result<()> {
     tracing::info!(zone = %b.zone, "billrun daemon started");
     while !stop.load(Ordering::SeqCst) {
         let now = clock::wall_now();
-        match settle_job::run_next(&b.db, &b.zone, &b.settle, now).await {
-            Ok(Some((at, out))) => {
-                tracing::info!(run = %b.fmt(at), hours = out.hours.len(), lines = out.lines.len(), amount_due = %out.amount_due, skipped = out.skipped, "settle run");
+        match jobs::run_next(&b.db, &b.zone, &b.settle, now).await {
+            Ok(Some((at, run))) => {
+                log_run(b, at, &run);
                 continue;
             }
             Ok(None) => {}
-            Err(e) => tracing::error!(error = %format!("{e:#}"), "settle run failed; retrying"),
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "run failed; retrying"),
         }
-        let next = settle_job::next_due(&b.db, &b.zone, &b.settle).await.ok().flatten();
+        let next = jobs::next_due(&b.db, &b.zone, &b.settle).await.ok().flatten().map(|(_, t)| t);
         let wait = next
             .map(|t| (t - clock::wall_now()).clamp(1, poll_seconds as i64) as u64)
             .unwrap_or(poll_seconds);

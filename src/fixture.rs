@@ -26,6 +26,10 @@ pub struct Document {
     pub topups: Vec<TopupDoc>,
     #[serde(default)]
     pub packages: Vec<serde_json::Value>,
+    /// Whether `topups` came before `resources` in the document: purchases and top-ups are posted
+    /// in the document's order.
+    #[serde(skip)]
+    pub topups_first: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,8 +94,15 @@ pub struct TopupDoc {
 
 /// Parses one document; a structural error names its path (`resources[1].quantity`).
 pub fn parse_document(name: &str, text: &str) -> Result<Document, InputError> {
-    let de = &mut serde_json::Deserializer::from_str(text);
-    let doc: Document = serde_path_to_error::deserialize(de).map_err(|e| {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| InputError(format!("{name}: {e}")))?;
+    let topups_first = match &value {
+        serde_json::Value::Object(m) => {
+            let pos = |k: &str| m.keys().position(|x| x == k);
+            matches!((pos("topups"), pos("resources")), (Some(t), Some(r)) if t < r)
+        }
+        _ => false,
+    };
+    let mut doc: Document = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if path == "." || path.is_empty() {
@@ -100,6 +111,7 @@ pub fn parse_document(name: &str, text: &str) -> Result<Document, InputError> {
             InputError(format!("{name}: {path}: {inner}"))
         }
     })?;
+    doc.topups_first = topups_first;
     Ok(doc)
 }
 
@@ -121,8 +133,18 @@ pub struct NewResource {
     pub plan_id: String,
     pub mode: BillingMode,
     pub quantity: i64,
+    /// Billing starts here: `created_at`, or `purchased_at` for a subscription.
     pub created_at: i64,
     pub deleted_at: Option<i64>,
+    pub subscription: Option<NewSubscription>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewSubscription {
+    pub periods: i64,
+    pub auto_renew: bool,
+    pub auto_renew_times: Option<i64>,
+    pub renew_days_before: i64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -149,6 +171,7 @@ pub struct Batch {
     pub resources: Vec<NewResource>,
     pub segments: Vec<NewSegment>,
     pub topups: Vec<NewTopup>,
+    pub topups_first: bool,
 }
 
 /// A resource already in the database, as validation needs it.
@@ -357,24 +380,6 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
         };
         let mode = BillingMode::parse(&x.mode)
             .ok_or_else(|| InputError::field(&r, "mode", format!("`{}` is not pay_per_use, monthly or yearly", x.mode)))?;
-        if mode != BillingMode::PayPerUse {
-            return Err(InputError::field(
-                &r,
-                "mode",
-                "yearly/monthly subscriptions are not supported by this version of billrun",
-            ));
-        }
-        for (f, present) in [
-            ("periods", x.periods.is_some()),
-            ("purchased_at", x.purchased_at.is_some()),
-            ("auto_renew", x.auto_renew.is_some()),
-            ("auto_renew_times", x.auto_renew_times.is_some()),
-            ("renew_days_before", x.renew_days_before.is_some()),
-        ] {
-            if present {
-                return Err(InputError::field(&r, f, "applies to yearly/monthly subscriptions, not pay_per_use"));
-            }
-        }
         let quantity = x.quantity.unwrap_or(1);
         if !(1..=MAX_MAGNITUDE).contains(&quantity) {
             return Err(InputError::field(
@@ -383,27 +388,93 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
                 format!("{quantity} is not a whole number of instances from 1 to {MAX_MAGNITUDE}"),
             ));
         }
-        let created_at = match &x.created_at {
-            None => return Err(InputError::field(&r, "created_at", "is required for a pay_per_use resource")),
-            Some(s) => parse_instant(s).map_err(|e| InputError::field(&r, "created_at", e))?,
-        };
-        let deleted_at = x
-            .deleted_at
-            .as_ref()
-            .map(|s| parse_instant(s).map_err(|e| InputError::field(&r, "deleted_at", e)))
-            .transpose()?;
-        if let Some(d) = deleted_at {
-            if d <= created_at {
-                return Err(InputError::field(&r, "deleted_at", "must be after created_at"));
+        let (created_at, deleted_at, subscription) = if mode == BillingMode::PayPerUse {
+            for (f, present) in [
+                ("periods", x.periods.is_some()),
+                ("purchased_at", x.purchased_at.is_some()),
+                ("auto_renew", x.auto_renew.is_some()),
+                ("auto_renew_times", x.auto_renew_times.is_some()),
+                ("renew_days_before", x.renew_days_before.is_some()),
+            ] {
+                if present {
+                    return Err(InputError::field(&r, f, "applies to yearly/monthly subscriptions, not pay_per_use"));
+                }
             }
-        }
-        if plan.hourly.is_empty() && plan.per_unit.is_empty() {
-            return Err(InputError::field(
-                &r,
-                "plan",
-                format!("plan {:?} has no pay-per-use prices", x.plan),
-            ));
-        }
+            let created_at = match &x.created_at {
+                None => return Err(InputError::field(&r, "created_at", "is required for a pay_per_use resource")),
+                Some(s) => parse_instant(s).map_err(|e| InputError::field(&r, "created_at", e))?,
+            };
+            let deleted_at = x
+                .deleted_at
+                .as_ref()
+                .map(|s| parse_instant(s).map_err(|e| InputError::field(&r, "deleted_at", e)))
+                .transpose()?;
+            if let Some(d) = deleted_at {
+                if d <= created_at {
+                    return Err(InputError::field(&r, "deleted_at", "must be after created_at"));
+                }
+            }
+            if plan.hourly.is_empty() && plan.per_unit.is_empty() {
+                return Err(InputError::field(
+                    &r,
+                    "plan",
+                    format!("plan {:?} has no pay-per-use prices", x.plan),
+                ));
+            }
+            (created_at, deleted_at, None)
+        } else {
+            for (f, present) in [("created_at", x.created_at.is_some()), ("deleted_at", x.deleted_at.is_some())] {
+                if present {
+                    return Err(InputError::field(
+                        &r,
+                        f,
+                        "applies to pay_per_use resources; a subscription starts at purchased_at",
+                    ));
+                }
+            }
+            let price = if mode == BillingMode::Monthly { plan.monthly } else { plan.yearly };
+            if price.is_none() {
+                return Err(InputError::field(
+                    &r,
+                    "mode",
+                    format!("plan {:?} has no {} price", x.plan, mode.as_str()),
+                ));
+            }
+            let purchased_at = match &x.purchased_at {
+                None => {
+                    return Err(InputError::field(
+                        &r,
+                        "purchased_at",
+                        "is required for a yearly/monthly subscription",
+                    ))
+                }
+                Some(s) => parse_instant(s).map_err(|e| InputError::field(&r, "purchased_at", e))?,
+            };
+            let periods = x.periods.unwrap_or(1);
+            if !(1..=120).contains(&periods) {
+                return Err(InputError::field(&r, "periods", format!("{periods} is not between 1 and 120")));
+            }
+            if let Some(t) = x.auto_renew_times {
+                if !(0..=1000).contains(&t) {
+                    return Err(InputError::field(&r, "auto_renew_times", format!("{t} is not between 0 and 1000")));
+                }
+            }
+            let renew_days_before = x.renew_days_before.unwrap_or(7);
+            if !(0..=60).contains(&renew_days_before) {
+                return Err(InputError::field(
+                    &r,
+                    "renew_days_before",
+                    format!("{renew_days_before} is not between 0 and 60"),
+                ));
+            }
+            let sub = NewSubscription {
+                periods,
+                auto_renew: x.auto_renew.unwrap_or(false),
+                auto_renew_times: x.auto_renew_times,
+                renew_days_before,
+            };
+            (purchased_at, None, Some(sub))
+        };
         resources.insert(
             x.id.clone(),
             KnownResource {
@@ -422,6 +493,7 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
             quantity,
             created_at,
             deleted_at,
+            subscription,
         });
     }
     let mut readings = HashSet::new();
@@ -430,6 +502,17 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
         let Some(res) = resources.get(&u.resource) else {
             return Err(InputError::field(&r, "resource", format!("unknown resource {:?}", u.resource)));
         };
+        if res.mode != BillingMode::PayPerUse {
+            return Err(InputError::field(
+                &r,
+                "resource",
+                format!(
+                    "{:?} is a {} subscription; usage is metered for pay_per_use resources",
+                    u.resource,
+                    res.mode.as_str()
+                ),
+            ));
+        }
         let plan = &plans[&res.plan_id];
         if u.at.is_some() {
             return Err(InputError::field(
@@ -505,6 +588,7 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
             at,
         });
     }
+    b.topups_first = doc.topups_first;
     if !doc.packages.is_empty() {
         return Err(InputError::field(
             "packages[0]",

@@ -53,7 +53,7 @@ async fn operator_session_end_to_end() {
         fails(&billrun(url, &["load", bad.to_str().unwrap()]), 2, "resources[0] (id \"p9\"): field `created_at`");
         fails(&billrun(url, &["tick", "--now", "2023-04-18T12:00:00"]), 2, "--now");
         let out = ok(&billrun(url, &["tick", "--now", "2023-04-18T12:00:00Z"]));
-        assert!(out.contains("3 settle runs, 3 lines, 3.83 due"), "{out}");
+        assert!(out.contains("3 settle runs, 0 daily runs, 3 lines, 3.83 due"), "{out}");
         let csv_path = dir.path().join("bills.csv");
         ok(&billrun(url, &["export", "--out", csv_path.to_str().unwrap()]));
         let csv = std::fs::read_to_string(&csv_path).unwrap();
@@ -80,9 +80,11 @@ async fn operator_session_end_to_end() {
         assert_eq!(status["accounts"][0]["in_arrears_since"], "2023-04-18T11:00:00Z");
         assert_eq!(status["resources"][0]["state"], "running");
         assert_eq!(status["resources"][0]["mode"], "pay_per_use");
-        assert_eq!(status["jobs"][0]["job"], "settle");
-        assert_eq!(status["jobs"][0]["last_scheduled_at"], "2023-04-18T12:00:00Z");
-        assert_eq!(status["jobs"][0]["last_outcome"], "ok");
+        let settle = status["jobs"].as_array().unwrap().iter().find(|j| j["job"] == "settle").expect("the settle job");
+        assert_eq!(settle["last_scheduled_at"], "2023-04-18T12:00:00Z");
+        assert_eq!(settle["last_outcome"], "ok");
+        let daily = status["jobs"].as_array().unwrap().iter().find(|j| j["job"] == "daily").expect("the daily job is listed");
+        assert!(daily["last_scheduled_at"].is_null(), "no daily run yet: {daily}");
 
         ok(&billrun(url, &["topup", "=acme", "5.00", "--at", "2023-04-18T12:30:00Z"]));
         fails(&billrun(url, &["topup", "=acme", "5.001"]), 2, "AMOUNT");
@@ -120,8 +122,19 @@ fn demo_runs_on_a_fresh_directory() {
         .unwrap();
     let out = ok(&o);
     assert!(out.contains("account globex is in arrears"), "{out}");
+    for shown in [
+        "renewal_succeeded",
+        "renewal_failed",
+        "expiry_alert",
+        "expired",
+        "frozen",
+        "released",
+    ] {
+        assert!(out.contains(shown), "the demo shows {shown}: {out}");
+    }
     let csv = std::fs::read_to_string(d.join("bills.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 44, "header + 43 lines");
+    assert!(csv.contains(",monthly,renewal,,"), "a renewal line");
+    assert!(csv.contains(",yearly,purchase,,"), "a purchase line");
     // a second demo starts afresh
     let again = ok(&Command::new(env!("CARGO_BIN_EXE_billrun"))
         .args(["demo", "--dir", d.to_str().unwrap()])

@@ -191,7 +191,7 @@ async fn one_tick_equals_twenty_four_and_a_second_tick_adds_nothing() {
         one.tick(t("2023-04-19T02:00:00Z"), |_, _| {}).await.unwrap();
         let once = csv(&one).await;
         let again = one.tick(t("2023-04-19T02:00:00Z"), |_, _| {}).await.unwrap();
-        assert_eq!((again.runs, again.lines), (0, 0));
+        assert_eq!((again.settle_runs, again.daily_runs, again.lines), (0, 0, 0));
         assert_eq!(csv(&one).await, once);
         let status_once = serde_json::to_value(one.status().await.unwrap()).unwrap();
         one.db.close().await;
@@ -201,7 +201,11 @@ async fn one_tick_equals_twenty_four_and_a_second_tick_adds_nothing() {
         many.load_json("day.json", DAY).await.unwrap();
         let mut runs = 0;
         for h in 0..=26 {
-            runs += many.tick(t("2023-04-18T00:00:00Z") + h * 3600, |_, _| {}).await.unwrap().runs;
+            runs += many
+                .tick(t("2023-04-18T00:00:00Z") + h * 3600, |_, _| {})
+                .await
+                .unwrap()
+                .settle_runs;
         }
         assert_eq!(runs, 25, "{}: one run an hour from 02:00 to 02:00 next day", be.name);
         assert_eq!(csv(&many).await, once, "{}: same CSV, ids included", be.name);

@@ -5,7 +5,6 @@ use crate::store::db::{Db, Kind};
 use crate::store::settle::{settle, SettleOutcome, SettleRun};
 use crate::store::world::SETTLE_JOB;
 use anyhow::Result;
-use rust_decimal::Decimal;
 
 /// When the settle job runs and how long after its end an hour is settled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,16 +77,6 @@ pub async fn state(db: &Db) -> Result<SettleState> {
         watermark: r.opt_int(1),
         earliest_usage: r.opt_int(2),
     })
-}
-
-/// Totals of a catch-up.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct CatchUp {
-    pub runs: usize,
-    pub skipped: usize,
-    pub lines: usize,
-    pub amount_due: Decimal,
-    pub arrears_began: Vec<String>,
 }
 
 /// Runs the next due settle run if it is due by `now`; `None` when nothing is due.

@@ -3,4 +3,5 @@ pub mod db;
 pub mod ledger;
 pub mod schema;
 pub mod settle;
+pub mod subscriptions;
 pub mod world;

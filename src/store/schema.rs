@@ -5,8 +5,14 @@ use crate::billing::zone::BillingZone;
 use crate::error::InputError;
 use anyhow::Result;
 
-const SQLITE: &[(i64, &str)] = &[(1, include_str!("../../sql/sqlite/0001_foundation.sql"))];
-const POSTGRES: &[(i64, &str)] = &[(1, include_str!("../../sql/postgres/0001_foundation.sql"))];
+const SQLITE: &[(i64, &str)] = &[
+    (1, include_str!("../../sql/sqlite/0001_foundation.sql")),
+    (2, include_str!("../../sql/sqlite/0002_subscriptions.sql")),
+];
+const POSTGRES: &[(i64, &str)] = &[
+    (1, include_str!("../../sql/postgres/0001_foundation.sql")),
+    (2, include_str!("../../sql/postgres/0002_subscriptions.sql")),
+];
 
 /// Brings the schema up to date. Concurrent starts are serialised by a lock on `meta`.
 pub async fn migrate(db: &Db) -> Result<i64> {

@@ -4,11 +4,13 @@
 
 use super::db::{Db, Kind, Tx};
 use super::ledger;
-use super::world::{account_of, plan_of, record_arrears_events, resource_of, save_accounts, ACCOUNT_KINDS, RESOURCE_KINDS, SETTLE_JOB};
+use super::world::{account_of, plan_of, record_arrears_events, resource_of, save_accounts, ACCOUNT_KINDS, SETTLE_JOB};
+use crate::billing::lifecycle::{arrears_transitions, unbillable_windows, ArrearsPeriod};
 use crate::billing::model::{LedgerLine, MeteredResource, Plan, UsageSegment};
 use crate::billing::settle::{desired_usage, post_drafts, reconcile, AccountBook, ArrearsEvent, PostedUsage, Unbillable};
 use crate::billing::zone::BillingZone;
 use crate::clock;
+use crate::store::subscriptions::arrears_periods;
 use anyhow::{anyhow, Result};
 use rust_decimal::Decimal;
 use std::collections::HashMap;
@@ -73,6 +75,7 @@ pub async fn settle(db: &Db, zone: &BillingZone, run: &SettleRun) -> Result<Sett
         .iter()
         .map(|r| plan_of(r).map(|p| (p.id.clone(), p)))
         .collect::<Result<_>>()?;
+    let periods = arrears_periods(&mut tx).await?;
     let mut books: HashMap<String, AccountBook> = HashMap::new();
     let mut events: Vec<ArrearsEvent> = Vec::new();
     let mut out = SettleOutcome {
@@ -80,7 +83,7 @@ pub async fn settle(db: &Db, zone: &BillingZone, run: &SettleRun) -> Result<Sett
         ..Default::default()
     };
     for &hour in &hours {
-        let lines = settle_hour(&mut tx, zone, hour, &plans, &mut books, &mut events, run).await?;
+        let lines = settle_hour(&mut tx, zone, hour, &plans, &mut books, &mut events, run, &periods).await?;
         out.amount_due += lines.iter().map(|l| l.amount_due).sum::<Decimal>();
         out.lines.extend(lines);
     }
@@ -128,6 +131,7 @@ pub async fn settle(db: &Db, zone: &BillingZone, run: &SettleRun) -> Result<Sett
     Ok(out)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn settle_hour(
     tx: &mut Tx,
     zone: &BillingZone,
@@ -136,20 +140,38 @@ async fn settle_hour(
     books: &mut HashMap<String, AccountBook>,
     events: &mut Vec<ArrearsEvent>,
     run: &SettleRun,
+    periods: &HashMap<String, Vec<ArrearsPeriod>>,
 ) -> Result<Vec<LedgerLine>> {
     let end = zone.next_hour(hour);
+    // pay-per-use from creation (or from a change to pay-per-use) until deletion or release
     let resources: HashMap<String, MeteredResource> = tx
         .rows(
-            "SELECT id, account_id, plan_id, quantity, created_at, deleted_at FROM resources \
-             WHERE mode = 'pay_per_use' AND created_at < $2 AND (deleted_at IS NULL OR deleted_at > $1)",
+            "SELECT id, account_id, plan_id, quantity, created_at, deleted_at, ppu_from, released_at FROM resources \
+             WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL) AND created_at < $2 AND (ppu_from IS NULL OR ppu_from < $2) \
+             AND (deleted_at IS NULL OR deleted_at > $1) AND (released_at IS NULL OR released_at > $1)",
             vec![hour.into(), end.into()],
-            RESOURCE_KINDS,
+            &[
+                Kind::Text,
+                Kind::Text,
+                Kind::Text,
+                Kind::Int,
+                Kind::Int,
+                Kind::Int,
+                Kind::Int,
+                Kind::Int,
+            ],
         )
         .await?
         .iter()
         .map(|r| {
-            let r = resource_of(r);
-            (r.id.clone(), r)
+            let mut m = resource_of(r);
+            if let Some(from) = r.opt_int(6) {
+                m.created_at = m.created_at.max(from);
+            }
+            if let Some(released) = r.opt_int(7) {
+                m.deleted_at = Some(m.deleted_at.map_or(released, |d| d.min(released)));
+            }
+            (m.id.clone(), m)
         })
         .collect();
     let segments: Vec<UsageSegment> = tx
@@ -168,11 +190,50 @@ async fn settle_hour(
             to: r.int(4),
         })
         .collect();
-    let desired = desired_usage(zone, hour, plans, &resources, &segments, &Unbillable::new())
-        .map_err(|e| anyhow!("hour {}: {e}", zone.format(hour)))?;
+    let posted_lines = ledger::hour_lines(tx, hour).await?;
+    // the accounts of the hour, read once per run; later hours of the run continue from their balance
+    let mut account_ids: Vec<String> = resources
+        .values()
+        .map(|r| r.account_id.clone())
+        .chain(posted_lines.iter().map(|l| l.account_id.clone()))
+        .filter(|a| !books.contains_key(a))
+        .collect();
+    account_ids.sort();
+    account_ids.dedup();
+    for r in tx
+        .rows_in(
+            "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id IN",
+            &account_ids,
+            "",
+            ACCOUNT_KINDS,
+        )
+        .await?
+    {
+        let a = account_of(&r);
+        books.insert(a.id.clone(), AccountBook::new(a));
+    }
+    // an account in arrears past its grace days has its pay-per-use resources frozen, then released
+    let mut unbillable = Unbillable::new();
+    for (account_id, list) in periods {
+        let Some(book) = books.get(account_id) else { continue };
+        let windows = unbillable_windows(&arrears_transitions(
+            zone,
+            list,
+            book.account.grace_days,
+            book.account.retention_days,
+        ));
+        if windows.is_empty() {
+            continue;
+        }
+        for r in resources.values().filter(|r| &r.account_id == account_id) {
+            unbillable.insert(r.id.clone(), windows.clone());
+        }
+    }
+    let desired =
+        desired_usage(zone, hour, plans, &resources, &segments, &unbillable).map_err(|e| anyhow!("hour {}: {e}", zone.format(hour)))?;
 
     let mut posted: HashMap<String, PostedUsage> = HashMap::new();
-    for l in ledger::hour_lines(tx, hour).await? {
+    for l in posted_lines {
         let p = PostedUsage {
             resource_id: l.resource_id.clone(),
             item: l.billing_item.clone().unwrap_or_default(),
@@ -196,20 +257,6 @@ async fn settle_hour(
     let drafts = reconcile(&desired, &posted);
     if drafts.is_empty() {
         return Ok(vec![]);
-    }
-    // accounts of the hour, read once per run; later hours of the run continue from their balance
-    let rows = tx
-        .rows(
-            "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id IN \
-             (SELECT account_id FROM resources WHERE mode = 'pay_per_use' AND created_at < $2 AND (deleted_at IS NULL OR deleted_at > $1) \
-              UNION SELECT account_id FROM ledger WHERE hour_start = $1)",
-            vec![hour.into(), end.into()],
-            ACCOUNT_KINDS,
-        )
-        .await?;
-    for r in &rows {
-        let a = account_of(r);
-        books.entry(a.id.clone()).or_insert_with(|| AccountBook::new(a));
     }
     let context = |id: &str| resources.get(id).and_then(|r| plans.get(&r.plan_id).map(|p| (r, p)));
     post_drafts(drafts, context, books, run.at, &run.job, events).map_err(|e| anyhow!("hour {}: {e}", zone.format(hour)))

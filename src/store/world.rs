@@ -1,11 +1,14 @@
 //! Accounts, plans, resources, usage and top-ups: loading fixture documents and reading them back.
 
 use super::db::{Db, Kind, Row, Tx, Val};
+use crate::billing::lifecycle::add_months;
 use crate::billing::model::{Account, BillingMode, MeteredResource, Plan};
+use crate::billing::prepaid::{months_of, Subscription};
 use crate::billing::settle::{AccountBook, ArrearsEvent, INSTANCE_ITEM};
 use crate::billing::zone::{split_by_hour, BillingZone};
 use crate::error::InputError;
 use crate::fixture::{self, Batch, Document, Known, KnownResource};
+use crate::store::subscriptions::post_purchase;
 use anyhow::{Context, Result};
 use rust_decimal::Decimal;
 use std::collections::BTreeSet;
@@ -24,8 +27,6 @@ pub(crate) fn account_of(r: &Row) -> Account {
         retention_days: r.int(5),
     }
 }
-
-pub(crate) const RESOURCE_KINDS: &[Kind] = &[Kind::Text, Kind::Text, Kind::Text, Kind::Int, Kind::Int, Kind::Int];
 
 pub(crate) fn resource_of(r: &Row) -> MeteredResource {
     MeteredResource {
@@ -50,6 +51,7 @@ pub struct LoadSummary {
     pub resources: usize,
     pub usage: usize,
     pub topups: usize,
+    pub purchases: usize,
     pub corrected_readings: usize,
     pub hours_marked_for_resettlement: usize,
 }
@@ -195,6 +197,23 @@ async fn write_batch(
         .resources
         .iter()
         .map(|r| {
+            let (periods, auto_renew, times, before, anchor, months, expires) = match &r.subscription {
+                None => (None, 0, None, 7, None, None, None),
+                Some(sub) => {
+                    let anchor = zone.local_date(r.created_at);
+                    let months = months_of(r.mode, sub.periods);
+                    let expires = add_months(anchor, months);
+                    (
+                        Some(sub.periods),
+                        sub.auto_renew as i64,
+                        sub.auto_renew_times,
+                        sub.renew_days_before,
+                        Some(anchor.to_string()),
+                        Some(months as i64),
+                        Some(expires.to_string()),
+                    )
+                }
+            };
             vec![
                 r.id.clone().into(),
                 r.account_id.clone().into(),
@@ -203,13 +222,35 @@ async fn write_batch(
                 r.quantity.into(),
                 r.created_at.into(),
                 r.deleted_at.into(),
+                periods.into(),
+                auto_renew.into(),
+                times.into(),
+                before.into(),
+                anchor.into(),
+                months.into(),
+                expires.into(),
             ]
         })
         .collect();
     s.resources += tx
         .insert_rows(
             "resources",
-            &["id", "account_id", "plan_id", "mode", "quantity", "created_at", "deleted_at"],
+            &[
+                "id",
+                "account_id",
+                "plan_id",
+                "mode",
+                "quantity",
+                "created_at",
+                "deleted_at",
+                "periods",
+                "auto_renew",
+                "auto_renew_times",
+                "renew_days_before",
+                "anchor_date",
+                "months_paid",
+                "expires_on",
+            ],
             resources,
             "",
         )
@@ -255,6 +296,40 @@ async fn write_batch(
             "",
         )
         .await? as usize;
+    // purchases and top-ups are posted in the document's order
+    if b.topups_first {
+        post_topups(tx, b, s).await?;
+    }
+    for (i, r) in b.resources.iter().enumerate() {
+        let Some(sub) = &r.subscription else { continue };
+        let anchor = zone.local_date(r.created_at);
+        let subscription = Subscription {
+            id: r.id.clone(),
+            account_id: r.account_id.clone(),
+            plan_id: r.plan_id.clone(),
+            mode: r.mode,
+            quantity: r.quantity,
+            purchased_at: r.created_at,
+            anchor,
+            months_paid: months_of(r.mode, sub.periods),
+            auto_renew: sub.auto_renew,
+            auto_renew_times: sub.auto_renew_times,
+            renewals_done: 0,
+            renew_days_before: sub.renew_days_before,
+            ppu_from: None,
+            ppu_at_expiry: false,
+            released_at: None,
+        };
+        post_purchase(tx, zone, &subscription, sub.periods, &format!("resources[{i}] (id {:?})", r.id)).await?;
+        s.purchases += 1;
+    }
+    if !b.topups_first {
+        post_topups(tx, b, s).await?;
+    }
+    Ok(())
+}
+
+async fn post_topups(tx: &mut Tx, b: &Batch, s: &mut LoadSummary) -> Result<()> {
     for t in &b.topups {
         post_topup(tx, &t.account_id, t.amount, t.at).await?;
         s.topups += 1;
@@ -309,11 +384,51 @@ pub(crate) async fn record_arrears_events(tx: &mut Tx, events: &[ArrearsEvent]) 
     Ok(())
 }
 
-async fn notify(tx: &mut Tx, kind: &str, account_id: &str, at: i64) -> Result<()> {
+/// One event for the outbox; `key` makes it exactly once.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Notice {
+    pub key: String,
+    pub kind: &'static str,
+    pub account_id: String,
+    pub resource_id: Option<String>,
+    pub at: i64,
+    pub days_before: Option<i64>,
+    pub expires_on: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// Writes a notification in the caller's transaction; a second write of the same event is a no-op.
+pub(crate) async fn notify_event(tx: &mut Tx, n: Notice) -> Result<bool> {
+    let rows = tx
+        .exec(
+            "INSERT INTO notifications (event_key, kind, account_id, resource_id, at, days_before, expires_on, reason) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_key) DO NOTHING",
+            vec![
+                n.key.into(),
+                n.kind.into(),
+                n.account_id.into(),
+                n.resource_id.into(),
+                n.at.into(),
+                n.days_before.into(),
+                n.expires_on.into(),
+                n.reason.into(),
+            ],
+        )
+        .await?;
+    Ok(rows > 0)
+}
+
+async fn notify(tx: &mut Tx, kind: &'static str, account_id: &str, at: i64) -> Result<()> {
     let key = serde_json::json!([kind, account_id, at]).to_string();
-    tx.exec(
-        "INSERT INTO notifications (event_key, kind, account_id, at) VALUES ($1, $2, $3, $4) ON CONFLICT (event_key) DO NOTHING",
-        vec![key.into(), kind.into(), account_id.into(), at.into()],
+    notify_event(
+        tx,
+        Notice {
+            key,
+            kind,
+            account_id: account_id.to_string(),
+            at,
+            ..Default::default()
+        },
     )
     .await?;
     Ok(())

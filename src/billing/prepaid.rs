@@ -1,0 +1,145 @@
+//! Yearly/monthly subscriptions: the subscription as the rules see it, and the purchase, renewal
+//! and refund lines it posts.
+
+use super::lifecycle::{add_months, cycle_end, months_per_period};
+use super::model::{BillingMode, LedgerLine, Plan, TransactionType};
+use super::money::{amount_due, fmt_cents, fmt_plain, mul_div_round, Overflow};
+use super::settle::{transaction_id, AccountBook, ArrearsEvent};
+use super::zone::BillingZone;
+use chrono::NaiveDate;
+use rust_decimal::Decimal;
+use serde_json::json;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Subscription {
+    pub id: String,
+    pub account_id: String,
+    pub plan_id: String,
+    pub mode: BillingMode,
+    pub quantity: i64,
+    pub purchased_at: i64,
+    /// Local date of purchase: every expiry is counted from it.
+    pub anchor: NaiveDate,
+    pub months_paid: u32,
+    pub auto_renew: bool,
+    pub auto_renew_times: Option<i64>,
+    pub renewals_done: i64,
+    pub renew_days_before: i64,
+    pub ppu_from: Option<i64>,
+    pub ppu_at_expiry: bool,
+    pub released_at: Option<i64>,
+}
+
+impl Subscription {
+    pub fn expires_on(&self) -> NaiveDate {
+        add_months(self.anchor, self.months_paid)
+    }
+
+    pub fn cycle_end(&self, zone: &BillingZone) -> i64 {
+        cycle_end(zone, self.expires_on())
+    }
+
+    /// Whether auto-renewal may still make an attempt (enabled, not used up, not converted).
+    pub fn renews_automatically(&self) -> bool {
+        self.auto_renew
+            && !self.ppu_at_expiry
+            && self.ppu_from.is_none()
+            && self.released_at.is_none()
+            && self.auto_renew_times.is_none_or(|limit| self.renewals_done < limit)
+    }
+}
+
+/// The plan's price of one period of `mode`.
+pub fn period_price(plan: &Plan, mode: BillingMode) -> Option<Decimal> {
+    match mode {
+        BillingMode::Monthly => plan.monthly,
+        BillingMode::Yearly => plan.yearly,
+        BillingMode::PayPerUse => None,
+    }
+}
+
+/// List amount of `periods` periods of `quantity` instances.
+pub fn periods_amount(unit_price: Decimal, periods: i64, quantity: i64) -> Result<Decimal, Overflow> {
+    mul_div_round(&[unit_price, Decimal::from(periods), Decimal::from(quantity)], 1)
+}
+
+/// What one prepaid posting is.
+pub struct PrepaidCharge<'a> {
+    pub kind: TransactionType,
+    pub sub: &'a Subscription,
+    pub plan: &'a Plan,
+    /// Periods paid (negative never: a refund passes its amount in `list_amount`).
+    pub periods: i64,
+    pub period_start: i64,
+    pub period_end: i64,
+    pub list_amount: Decimal,
+    pub at: i64,
+    pub run_job: &'a str,
+    pub line_key: String,
+    pub explain: serde_json::Value,
+}
+
+/// Posts a prepaid charge (or refund, with a negative list amount) against the account's book.
+pub fn post_prepaid(c: PrepaidCharge, book: &mut AccountBook, events: &mut Vec<ArrearsEvent>) -> LedgerLine {
+    let due = amount_due(c.list_amount);
+    let charge = book.charge(due, c.at, events);
+    let unit_price = period_price(c.plan, c.sub.mode).unwrap_or_default();
+    LedgerLine {
+        transaction_id: transaction_id(&c.line_key, 0),
+        transaction_time: c.at,
+        account_id: c.sub.account_id.clone(),
+        resource_id: c.sub.id.clone(),
+        product: c.plan.product.clone(),
+        plan_id: c.plan.id.clone(),
+        billing_mode: c.sub.mode,
+        transaction_type: c.kind,
+        billing_item: None,
+        period_start: c.period_start,
+        period_end: c.period_end,
+        usage_seconds: None,
+        quantity: Decimal::from(c.sub.quantity),
+        unit_price,
+        list_amount: c.list_amount,
+        truncated_amount: c.list_amount - due,
+        amount_due: due,
+        paid_amount: charge.paid,
+        arrears_amount: charge.arrears,
+        balance_after: charge.balance_after,
+        currency: book.account.currency.clone(),
+        hour_start: None,
+        line_key: c.line_key,
+        revision: 0,
+        run_job: c.run_job.to_string(),
+        run_at: c.at,
+        explain: c.explain.to_string(),
+    }
+}
+
+/// Explanation of a charge for `periods` periods.
+pub fn charge_explain(unit_price: Decimal, periods: i64, quantity: i64, months: u32, list: Decimal) -> serde_json::Value {
+    json!({
+        "formula": format!("{} per period x {} period(s) x {} instance(s) = {}", fmt_plain(unit_price), periods, quantity, fmt_plain(list)),
+        "unit_price": fmt_plain(unit_price),
+        "periods": periods,
+        "months": months,
+        "quantity": quantity,
+        "amount_due": fmt_cents(amount_due(list)),
+    })
+}
+
+/// Months `periods` periods of the subscription's mode last.
+pub fn months_of(mode: BillingMode, periods: i64) -> u32 {
+    months_per_period(mode) * periods as u32
+}
+
+pub fn purchase_key(resource_id: &str) -> String {
+    json!(["purchase", resource_id]).to_string()
+}
+
+pub fn renewal_key(resource_id: &str, new_expires_on: NaiveDate) -> String {
+    json!(["renewal", resource_id, new_expires_on.to_string()]).to_string()
+}
+
+pub fn refund_key(resource_id: &str, at: i64) -> String {
+    json!(["refund", resource_id, at]).to_string()
+}

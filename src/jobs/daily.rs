@@ -1,0 +1,55 @@
+//! The daily job (00:03:00 local): which run is due next (pure), and running it.
+
+use crate::billing::lifecycle::daily_instant;
+use crate::billing::zone::BillingZone;
+use crate::store::db::{Db, Kind};
+use crate::store::subscriptions::DAILY_JOB;
+use anyhow::Result;
+
+/// The next daily run after the last one, or the first at or after the earliest resource.
+pub fn next_run(zone: &BillingZone, last_run: Option<i64>, earliest_resource: Option<i64>) -> Option<i64> {
+    match (last_run, earliest_resource) {
+        (Some(r), _) => Some(daily_instant(zone, zone.local_date(r).succ_opt()?)),
+        (None, Some(e)) => {
+            let d = zone.local_date(e);
+            let first = daily_instant(zone, d);
+            Some(if first >= e { first } else { daily_instant(zone, d.succ_opt()?) })
+        }
+        (None, None) => None,
+    }
+}
+
+pub async fn next_due(db: &Db, zone: &BillingZone) -> Result<Option<i64>> {
+    let r = db
+        .rows(
+            "SELECT (SELECT MAX(scheduled_at) FROM job_runs WHERE job = $1), (SELECT MIN(created_at) FROM resources)",
+            vec![DAILY_JOB.into()],
+            &[Kind::Int, Kind::Int],
+        )
+        .await?;
+    Ok(next_run(zone, r[0].opt_int(0), r[0].opt_int(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::zone::parse_instant;
+
+    #[test]
+    fn runs_at_three_past_midnight_local() {
+        let z = BillingZone::parse("Asia/Shanghai").unwrap();
+        let t = |s| parse_instant(s).unwrap();
+        assert_eq!(
+            next_run(&z, None, Some(t("2023-02-08T15:50:04+08:00"))),
+            Some(t("2023-02-09T00:03:00+08:00"))
+        );
+        assert_eq!(
+            next_run(&z, None, Some(t("2023-02-08T00:01:00+08:00"))),
+            Some(t("2023-02-08T00:03:00+08:00"))
+        );
+        assert_eq!(
+            next_run(&z, Some(t("2023-02-09T00:03:00+08:00")), None),
+            Some(t("2023-02-10T00:03:00+08:00"))
+        );
+    }
+}

@@ -1,0 +1,698 @@
+//! Yearly/monthly subscriptions in the database: the purchase posted at load, the daily job
+//! (renewal attempts, then lifecycle transitions, then expiry alerts) and the operator actions
+//! (renew, unsubscribe, to-ppu). Each is one transaction.
+
+use super::db::{Db, Kind, Row, Tx};
+use super::ledger;
+use super::world::{account_of, notify_event, plan_of, record_arrears_events, save_accounts, Notice, ACCOUNT_KINDS};
+use crate::billing::lifecycle::{
+    alert_days, arrears_transitions, days_until, expiry_transitions, refund_at, renewal_due, ArrearsPeriod, PaidCycle, State,
+};
+use crate::billing::model::{BillingMode, LedgerLine, Plan, TransactionType};
+use crate::billing::money::{fmt_cents, fmt_plain};
+use crate::billing::prepaid::{
+    charge_explain, months_of, period_price, periods_amount, post_prepaid, purchase_key, refund_key, renewal_key, PrepaidCharge,
+    Subscription,
+};
+use crate::billing::settle::{AccountBook, ArrearsEvent};
+use crate::billing::zone::BillingZone;
+use crate::clock;
+use crate::error::InputError;
+use anyhow::{anyhow, Context, Result};
+use chrono::NaiveDate;
+use rust_decimal::Decimal;
+use serde_json::json;
+use std::collections::HashMap;
+
+pub const DAILY_JOB: &str = "daily";
+
+const SUB_KINDS: &[Kind] = &[
+    Kind::Text,
+    Kind::Text,
+    Kind::Text,
+    Kind::Text,
+    Kind::Int,
+    Kind::Int,
+    Kind::Text,
+    Kind::Int,
+    Kind::Int,
+    Kind::Int,
+    Kind::Int,
+    Kind::Int,
+    Kind::Int,
+    Kind::Int,
+    Kind::Int,
+];
+
+fn sub_of(r: &Row) -> Result<Subscription> {
+    Ok(Subscription {
+        id: r.text(0),
+        account_id: r.text(1),
+        plan_id: r.text(2),
+        mode: BillingMode::parse(&r.text(3)).context("stored mode")?,
+        quantity: r.int(4),
+        purchased_at: r.int(5),
+        anchor: NaiveDate::parse_from_str(&r.text(6), "%Y-%m-%d").context("stored anchor_date")?,
+        months_paid: r.int(7) as u32,
+        auto_renew: r.int(8) != 0,
+        auto_renew_times: r.opt_int(9),
+        renewals_done: r.int(10),
+        renew_days_before: r.int(11),
+        ppu_from: r.opt_int(12),
+        ppu_at_expiry: r.int(13) != 0,
+        released_at: r.opt_int(14),
+    })
+}
+
+async fn subscriptions(tx: &mut Tx, only: Option<&str>) -> Result<Vec<Subscription>> {
+    let rows = tx
+        .rows(
+            "SELECT id, account_id, plan_id, mode, quantity, created_at, anchor_date, months_paid, auto_renew, auto_renew_times, \
+             renewals_done, renew_days_before, ppu_from, ppu_at_expiry, released_at FROM resources \
+             WHERE mode <> 'pay_per_use' AND ($1 = '' OR id = $1) ORDER BY account_id, id",
+            vec![only.unwrap_or("").into()],
+            SUB_KINDS,
+        )
+        .await?;
+    rows.iter().map(sub_of).collect()
+}
+
+async fn save_subscription(tx: &mut Tx, s: &Subscription) -> Result<()> {
+    tx.exec(
+        "UPDATE resources SET months_paid = $2, expires_on = $3, renewals_done = $4, ppu_from = $5, ppu_at_expiry = $6, \
+         released_at = $7, auto_renew = $8 WHERE id = $1",
+        vec![
+            s.id.clone().into(),
+            (s.months_paid as i64).into(),
+            s.expires_on().to_string().into(),
+            s.renewals_done.into(),
+            s.ppu_from.into(),
+            (s.ppu_at_expiry as i64).into(),
+            s.released_at.into(),
+            (s.auto_renew as i64).into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn plan(tx: &mut Tx, id: &str) -> Result<Plan> {
+    let rows = tx
+        .rows("SELECT doc FROM plans WHERE id = $1", vec![id.into()], &[Kind::Text])
+        .await?;
+    plan_of(rows.first().ok_or_else(|| anyhow!("plan {id} is not loaded"))?)
+}
+
+async fn book(tx: &mut Tx, account_id: &str) -> Result<AccountBook> {
+    let rows = tx
+        .rows(
+            "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id = $1",
+            vec![account_id.into()],
+            ACCOUNT_KINDS,
+        )
+        .await?;
+    Ok(AccountBook::new(account_of(
+        rows.first().ok_or_else(|| anyhow!("account {account_id} is not loaded"))?,
+    )))
+}
+
+/// Posts a subscription's purchase at load: price x periods x quantity at `purchased_at`. A
+/// prepaid charge may not take the balance below zero; then the whole load is refused.
+pub(crate) async fn post_purchase(tx: &mut Tx, zone: &BillingZone, sub: &Subscription, periods: i64, record: &str) -> Result<()> {
+    let plan = plan(tx, &sub.plan_id).await?;
+    let unit = period_price(&plan, sub.mode).ok_or_else(|| anyhow!("plan {} has no {} price", plan.id, sub.mode.as_str()))?;
+    let list = periods_amount(unit, periods, sub.quantity)?;
+    let mut book = book(tx, &sub.account_id).await?;
+    let due = crate::billing::money::amount_due(list);
+    if book.account.balance < due {
+        return Err(InputError(format!(
+            "{record}: field `purchased_at`: account {:?} has {} and the purchase costs {}; a prepaid charge may not take the balance below zero",
+            sub.account_id,
+            fmt_cents(book.account.balance),
+            fmt_cents(due)
+        ))
+        .into());
+    }
+    let mut events = Vec::new();
+    let line = post_prepaid(
+        PrepaidCharge {
+            kind: TransactionType::Purchase,
+            sub,
+            plan: &plan,
+            periods,
+            period_start: sub.purchased_at,
+            period_end: sub.cycle_end(zone),
+            list_amount: list,
+            at: sub.purchased_at,
+            run_job: "load",
+            line_key: purchase_key(&sub.id),
+            explain: charge_explain(unit, periods, sub.quantity, sub.months_paid, list),
+        },
+        &mut book,
+        &mut events,
+    );
+    ledger::post_lines(tx, &[line]).await?;
+    save_accounts(tx, vec![&book.account]).await?;
+    record_arrears_events(tx, &events).await?;
+    Ok(())
+}
+
+/// What one daily run did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DailyOutcome {
+    pub skipped: bool,
+    pub renewals: usize,
+    pub renewal_failures: usize,
+    pub transitions: usize,
+    pub alerts: usize,
+    pub lines: Vec<LedgerLine>,
+}
+
+fn transition_kind(s: State) -> Option<&'static str> {
+    match s {
+        State::Expired => Some("expired"),
+        State::Frozen => Some("frozen"),
+        State::Released => Some("released"),
+        _ => None,
+    }
+}
+
+/// The daily job at `at` (00:03:00 local): renewal attempts, then lifecycle transitions, then
+/// expiry alerts, in one transaction claimed by its (job, instant) row.
+pub async fn daily_run(db: &Db, zone: &BillingZone, at: i64) -> Result<DailyOutcome> {
+    let mut tx = db.begin().await?;
+    let claimed = tx
+        .exec(
+            "INSERT INTO job_runs (job, scheduled_at, outcome, started_at) VALUES ($1, $2, 'running', $3) ON CONFLICT (job, scheduled_at) DO NOTHING",
+            vec![DAILY_JOB.into(), at.into(), clock::wall_now().into()],
+        )
+        .await?;
+    if claimed == 0 {
+        tx.rollback().await?;
+        return Ok(DailyOutcome {
+            skipped: true,
+            ..Default::default()
+        });
+    }
+    let today = zone.local_date(at);
+    let mut out = DailyOutcome::default();
+    let plans: HashMap<String, Plan> = tx
+        .rows("SELECT doc FROM plans", vec![], &[Kind::Text])
+        .await?
+        .iter()
+        .map(|r| plan_of(r).map(|p| (p.id.clone(), p)))
+        .collect::<Result<_>>()?;
+    let mut books: HashMap<String, AccountBook> = tx
+        .rows(
+            "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id IN \
+             (SELECT account_id FROM resources WHERE mode <> 'pay_per_use' UNION SELECT account_id FROM arrears_periods)",
+            vec![],
+            ACCOUNT_KINDS,
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            let a = account_of(r);
+            (a.id.clone(), AccountBook::new(a))
+        })
+        .collect();
+    let mut events: Vec<ArrearsEvent> = Vec::new();
+    let mut subs = subscriptions(&mut tx, None).await?;
+    let mut changed = vec![false; subs.len()];
+
+    // 1. renewal attempts, in account then resource order (balances are shared)
+    for (i, sub) in subs.iter_mut().enumerate() {
+        let end = sub.cycle_end(zone);
+        if !sub.renews_automatically() || end <= at || !renewal_due(today, sub.expires_on(), sub.renew_days_before) {
+            continue;
+        }
+        let plan = plans
+            .get(&sub.plan_id)
+            .ok_or_else(|| anyhow!("plan {} is not loaded", sub.plan_id))?;
+        let unit = period_price(plan, sub.mode).ok_or_else(|| anyhow!("plan {} has no {} price", plan.id, sub.mode.as_str()))?;
+        let list = periods_amount(unit, 1, sub.quantity)?;
+        let due = crate::billing::money::amount_due(list);
+        let book = books
+            .get_mut(&sub.account_id)
+            .ok_or_else(|| anyhow!("account {} is not loaded", sub.account_id))?;
+        let refusal = if book.account.in_arrears_since.is_some() {
+            Some(format!(
+                "account {} is in arrears (balance {})",
+                sub.account_id,
+                fmt_cents(book.account.balance)
+            ))
+        } else if book.account.balance < due {
+            Some(format!(
+                "balance {} is short of the renewal price {}",
+                fmt_cents(book.account.balance),
+                fmt_cents(due)
+            ))
+        } else {
+            None
+        };
+        let old_expiry = sub.expires_on();
+        if let Some(reason) = refusal {
+            out.renewal_failures += 1;
+            notify_event(
+                &mut tx,
+                Notice {
+                    key: json!(["renewal_failed", sub.id, old_expiry.to_string(), today.to_string()]).to_string(),
+                    kind: "renewal_failed",
+                    account_id: sub.account_id.clone(),
+                    resource_id: Some(sub.id.clone()),
+                    at,
+                    expires_on: Some(old_expiry.to_string()),
+                    reason: Some(reason),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            continue;
+        }
+        let months = months_of(sub.mode, 1);
+        sub.months_paid += months;
+        sub.renewals_done += 1;
+        changed[i] = true;
+        let new_expiry = sub.expires_on();
+        out.lines.push(post_prepaid(
+            PrepaidCharge {
+                kind: TransactionType::Renewal,
+                sub,
+                plan,
+                periods: 1,
+                period_start: end,
+                period_end: sub.cycle_end(zone),
+                list_amount: list,
+                at,
+                run_job: DAILY_JOB,
+                line_key: renewal_key(&sub.id, new_expiry),
+                explain: charge_explain(unit, 1, sub.quantity, months, list),
+            },
+            book,
+            &mut events,
+        ));
+        out.renewals += 1;
+        notify_event(
+            &mut tx,
+            Notice {
+                key: json!(["renewal_succeeded", sub.id, new_expiry.to_string()]).to_string(),
+                kind: "renewal_succeeded",
+                account_id: sub.account_id.clone(),
+                resource_id: Some(sub.id.clone()),
+                at,
+                expires_on: Some(new_expiry.to_string()),
+                ..Default::default()
+            },
+        )
+        .await?;
+    }
+
+    // 2. lifecycle transitions at their exact instants, recorded once whichever run sees them
+    for (i, sub) in subs.iter_mut().enumerate() {
+        if sub.ppu_at_expiry || sub.ppu_from.is_some() || sub.released_at.is_some_and(|r| r <= at) {
+            continue;
+        }
+        let account = &books[&sub.account_id].account;
+        for tr in expiry_transitions(zone, sub.expires_on(), account.grace_days, account.retention_days) {
+            if tr.at > at {
+                break;
+            }
+            let kind = transition_kind(tr.state).expect("expiry transitions are named");
+            let new = notify_event(
+                &mut tx,
+                Notice {
+                    key: json!([kind, sub.id, tr.at]).to_string(),
+                    kind,
+                    account_id: sub.account_id.clone(),
+                    resource_id: Some(sub.id.clone()),
+                    at: tr.at,
+                    expires_on: Some(sub.expires_on().to_string()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            out.transitions += new as usize;
+            if tr.state == State::Released {
+                sub.released_at = Some(tr.at);
+                changed[i] = true;
+            }
+        }
+    }
+    out.transitions += ppu_arrears_transitions(&mut tx, zone, &books, at).await?;
+
+    // 3. expiry alerts for the cycles still running
+    for sub in subs.iter() {
+        if sub.ppu_at_expiry || sub.ppu_from.is_some() || sub.released_at.is_some() || sub.cycle_end(zone) <= at {
+            continue;
+        }
+        let days = days_until(today, sub.expires_on());
+        if alert_days(sub.mode).contains(&days) {
+            let new = notify_event(
+                &mut tx,
+                Notice {
+                    key: json!(["expiry_alert", sub.id, sub.expires_on().to_string(), days]).to_string(),
+                    kind: "expiry_alert",
+                    account_id: sub.account_id.clone(),
+                    resource_id: Some(sub.id.clone()),
+                    at,
+                    days_before: Some(days),
+                    expires_on: Some(sub.expires_on().to_string()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            out.alerts += new as usize;
+        }
+    }
+    // only the newest undelivered alert of a resource is sent: older ones are superseded
+    tx.exec(
+        "UPDATE notifications SET delivery = 'superseded' WHERE kind = 'expiry_alert' AND delivery = 'pending' AND EXISTS \
+         (SELECT 1 FROM notifications n2 WHERE n2.kind = 'expiry_alert' AND n2.resource_id = notifications.resource_id AND n2.at > notifications.at)",
+        vec![],
+    )
+    .await?;
+
+    for (sub, _) in subs.iter().zip(&changed).filter(|(_, c)| **c) {
+        save_subscription(&mut tx, sub).await?;
+    }
+    ledger::post_lines(&mut tx, &out.lines).await?;
+    let changed_books: Vec<_> = books.values().filter(|b| b.changed).map(|b| &b.account).collect();
+    save_accounts(&mut tx, changed_books).await?;
+    record_arrears_events(&mut tx, &events).await?;
+    let detail =
+        json!({"renewals": out.renewals, "renewal_failures": out.renewal_failures, "transitions": out.transitions, "alerts": out.alerts});
+    tx.exec(
+        "UPDATE job_runs SET outcome = 'ok', finished_at = $3, lines = $4, amount_due = $5, detail = $6 WHERE job = $1 AND scheduled_at = $2",
+        vec![
+            DAILY_JOB.into(),
+            at.into(),
+            clock::wall_now().into(),
+            (out.lines.len() as i64).into(),
+            out.lines.iter().map(|l| l.amount_due).sum::<Decimal>().into(),
+            detail.to_string().into(),
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Arrears periods of every account that has had any, oldest first.
+pub(crate) async fn arrears_periods(tx: &mut Tx) -> Result<HashMap<String, Vec<ArrearsPeriod>>> {
+    let mut out: HashMap<String, Vec<ArrearsPeriod>> = HashMap::new();
+    for r in tx
+        .rows(
+            "SELECT account_id, began_at, cleared_at FROM arrears_periods ORDER BY account_id, began_at",
+            vec![],
+            &[Kind::Text, Kind::Int, Kind::Int],
+        )
+        .await?
+    {
+        out.entry(r.text(0)).or_default().push(ArrearsPeriod {
+            began: r.int(1),
+            cleared: r.opt_int(2),
+        });
+    }
+    Ok(out)
+}
+
+/// Frozen and released transitions of pay-per-use resources whose account is in arrears.
+async fn ppu_arrears_transitions(tx: &mut Tx, zone: &BillingZone, books: &HashMap<String, AccountBook>, at: i64) -> Result<usize> {
+    let periods = arrears_periods(tx).await?;
+    let rows = tx
+        .rows(
+            "SELECT id, account_id, created_at, deleted_at, ppu_from FROM resources WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL) \
+             AND released_at IS NULL AND account_id IN (SELECT account_id FROM arrears_periods) ORDER BY id",
+            vec![],
+            &[Kind::Text, Kind::Text, Kind::Int, Kind::Int, Kind::Int],
+        )
+        .await?;
+    let mut n = 0;
+    for r in rows {
+        let (id, account_id) = (r.text(0), r.text(1));
+        let start = r.opt_int(4).unwrap_or(r.int(2)).max(r.int(2));
+        let end = r.opt_int(3).unwrap_or(i64::MAX);
+        let Some(book) = books.get(&account_id) else { continue };
+        let trs = arrears_transitions(zone, &periods[&account_id], book.account.grace_days, book.account.retention_days);
+        for tr in trs.iter().filter(|t| t.at >= start && t.at < end && t.at <= at) {
+            let Some(kind) = transition_kind(tr.state) else { continue };
+            let new = notify_event(
+                tx,
+                Notice {
+                    key: json!([kind, id, tr.at]).to_string(),
+                    kind,
+                    account_id: account_id.clone(),
+                    resource_id: Some(id.clone()),
+                    at: tr.at,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            n += new as usize;
+            if tr.state == State::Released {
+                tx.exec(
+                    "UPDATE resources SET released_at = $2 WHERE id = $1 AND released_at IS NULL",
+                    vec![id.clone().into(), tr.at.into()],
+                )
+                .await?;
+            }
+        }
+    }
+    Ok(n)
+}
+
+fn input(msg: String) -> anyhow::Error {
+    InputError(msg).into()
+}
+
+async fn one_subscription(tx: &mut Tx, resource: &str) -> Result<Subscription> {
+    let subs = subscriptions(tx, Some(resource)).await?;
+    match subs.into_iter().next() {
+        Some(s) => Ok(s),
+        None => {
+            let exists = !tx
+                .rows("SELECT id FROM resources WHERE id = $1", vec![resource.into()], &[Kind::Text])
+                .await?
+                .is_empty();
+            Err(input(if exists {
+                format!(
+                    "RESOURCE: {resource:?} is pay_per_use; only yearly/monthly subscriptions can be renewed, unsubscribed or converted"
+                )
+            } else {
+                format!("RESOURCE: no resource {resource:?}")
+            }))
+        }
+    }
+}
+
+fn released_at(zone: &BillingZone, sub: &Subscription, account: &crate::billing::model::Account) -> i64 {
+    sub.released_at
+        .unwrap_or(expiry_transitions(zone, sub.expires_on(), account.grace_days, account.retention_days)[2].at)
+}
+
+/// `billrun renew RESOURCE --periods N --at T`: pays N periods from the old expiry; restores a
+/// resource that is expired or frozen to running.
+pub async fn renew(db: &Db, zone: &BillingZone, resource: &str, periods: i64, at: i64) -> Result<LedgerLine> {
+    if !(1..=120).contains(&periods) {
+        return Err(input(format!("--periods: {periods} is not between 1 and 120")));
+    }
+    let mut tx = db.begin().await?;
+    let mut sub = one_subscription(&mut tx, resource).await?;
+    let plan = plan(&mut tx, &sub.plan_id).await?;
+    let mut book = book(&mut tx, &sub.account_id).await?;
+    if sub.ppu_from.is_some_and(|p| p <= at) || (sub.ppu_at_expiry && sub.cycle_end(zone) <= at) {
+        return Err(input(format!("RESOURCE: {resource:?} has been changed to pay-per-use")));
+    }
+    if released_at(zone, &sub, &book.account) <= at {
+        return Err(input(format!("RESOURCE: {resource:?} was released; it cannot be renewed")));
+    }
+    let unit = period_price(&plan, sub.mode).ok_or_else(|| anyhow!("plan {} has no {} price", plan.id, sub.mode.as_str()))?;
+    let list = periods_amount(unit, periods, sub.quantity)?;
+    let due = crate::billing::money::amount_due(list);
+    if book.account.in_arrears_since.is_some() {
+        return Err(input(format!(
+            "renew refused: account {} is in arrears (balance {})",
+            sub.account_id,
+            fmt_cents(book.account.balance)
+        )));
+    }
+    if book.account.balance < due {
+        return Err(input(format!(
+            "renew refused: balance {} is short of the price {}",
+            fmt_cents(book.account.balance),
+            fmt_cents(due)
+        )));
+    }
+    let start = sub.cycle_end(zone);
+    let months = months_of(sub.mode, periods);
+    sub.months_paid += months;
+    sub.ppu_at_expiry = false;
+    let new_expiry = sub.expires_on();
+    let mut events = Vec::new();
+    let line = post_prepaid(
+        PrepaidCharge {
+            kind: TransactionType::Renewal,
+            sub: &sub,
+            plan: &plan,
+            periods,
+            period_start: start,
+            period_end: sub.cycle_end(zone),
+            list_amount: list,
+            at,
+            run_job: "renew",
+            line_key: renewal_key(&sub.id, new_expiry),
+            explain: charge_explain(unit, periods, sub.quantity, months, list),
+        },
+        &mut book,
+        &mut events,
+    );
+    ledger::post_lines(&mut tx, std::slice::from_ref(&line)).await?;
+    save_subscription(&mut tx, &sub).await?;
+    save_accounts(&mut tx, vec![&book.account]).await?;
+    record_arrears_events(&mut tx, &events).await?;
+    tx.commit().await?;
+    Ok(line)
+}
+
+/// Refund for stopping a subscription at `at`, as a negative `refund` line (None if nothing is left).
+async fn refund_line(
+    tx: &mut Tx,
+    sub: &Subscription,
+    plan: &Plan,
+    book: &mut AccountBook,
+    at: i64,
+    job: &str,
+    events: &mut Vec<ArrearsEvent>,
+) -> Result<Option<LedgerLine>> {
+    let rows = tx
+        .rows(
+            "SELECT period_start, period_end, list_amount, explain FROM ledger WHERE resource_id = $1 AND transaction_type IN ('purchase', 'renewal') ORDER BY period_start",
+            vec![sub.id.clone().into()],
+            &[Kind::Int, Kind::Int, Kind::Money, Kind::Text],
+        )
+        .await?;
+    let cycles: Vec<PaidCycle> = rows
+        .iter()
+        .map(|r| {
+            let e: serde_json::Value = serde_json::from_str(&r.text(3)).unwrap_or_default();
+            PaidCycle {
+                start: r.int(0),
+                end: r.int(1),
+                months: e["months"].as_u64().unwrap_or(1) as u32,
+                price: r.money(2),
+            }
+        })
+        .collect();
+    let (refund, until) = refund_at(sub.mode, &cycles, at)?;
+    if refund <= Decimal::ZERO {
+        return Ok(None);
+    }
+    let current = cycles.iter().find(|c| c.start <= at && at < c.end);
+    let explain = json!({
+        "formula": match current {
+            Some(c) => {
+                let rate_days = if sub.mode == BillingMode::Yearly { 365 * (c.months / 12).max(1) } else { 30 * c.months };
+                format!("current cycle {} - {} / {} days x {} whole days used, plus cycles not begun in full = {}", fmt_plain(c.price), fmt_plain(c.price), rate_days, (at - c.start) / 86_400, fmt_plain(refund))
+            }
+            None => format!("cycles not begun, in full = {}", fmt_plain(refund)),
+        },
+        "cycles": cycles.iter().map(|c| json!({"start": c.start, "end": c.end, "months": c.months, "price": fmt_plain(c.price)})).collect::<Vec<_>>(),
+    });
+    Ok(Some(post_prepaid(
+        PrepaidCharge {
+            kind: TransactionType::Refund,
+            sub,
+            plan,
+            periods: 0,
+            period_start: at,
+            period_end: until,
+            list_amount: -refund,
+            at,
+            run_job: job,
+            line_key: refund_key(&sub.id, at),
+            explain,
+        },
+        book,
+        events,
+    )))
+}
+
+/// `billrun unsubscribe RESOURCE --at T`: refunds what is unused and releases the resource at T.
+pub async fn unsubscribe(db: &Db, zone: &BillingZone, resource: &str, at: i64) -> Result<Option<LedgerLine>> {
+    let mut tx = db.begin().await?;
+    let mut sub = one_subscription(&mut tx, resource).await?;
+    let plan = plan(&mut tx, &sub.plan_id).await?;
+    let mut book = book(&mut tx, &sub.account_id).await?;
+    if released_at(zone, &sub, &book.account) <= at {
+        return Err(input(format!("RESOURCE: {resource:?} is already released")));
+    }
+    if sub.ppu_from.is_some_and(|p| p <= at) {
+        return Err(input(format!(
+            "RESOURCE: {resource:?} is billed pay-per-use now; delete it instead"
+        )));
+    }
+    let mut events = Vec::new();
+    let line = refund_line(&mut tx, &sub, &plan, &mut book, at, "unsubscribe", &mut events).await?;
+    if let Some(l) = &line {
+        ledger::post_lines(&mut tx, std::slice::from_ref(l)).await?;
+    }
+    sub.released_at = Some(at);
+    sub.auto_renew = false;
+    save_subscription(&mut tx, &sub).await?;
+    save_accounts(&mut tx, vec![&book.account]).await?;
+    record_arrears_events(&mut tx, &events).await?;
+    notify_event(
+        &mut tx,
+        Notice {
+            key: json!(["released", sub.id, at]).to_string(),
+            kind: "released",
+            account_id: sub.account_id.clone(),
+            resource_id: Some(sub.id.clone()),
+            at,
+            ..Default::default()
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(line)
+}
+
+/// `billrun to-ppu RESOURCE --now | --at-expiry`: billed pay-per-use from T (with the unused part
+/// refunded) or from the cycle end instead of entering the grace period.
+pub async fn to_ppu(db: &Db, zone: &BillingZone, resource: &str, now: bool, at: i64) -> Result<(i64, Option<LedgerLine>)> {
+    let mut tx = db.begin().await?;
+    let mut sub = one_subscription(&mut tx, resource).await?;
+    let plan = plan(&mut tx, &sub.plan_id).await?;
+    if !plan.hourly.contains_key(crate::billing::settle::INSTANCE_ITEM) {
+        return Err(input(format!(
+            "RESOURCE: plan {:?} has no hourly instance price to bill pay-per-use",
+            plan.id
+        )));
+    }
+    let mut book = book(&mut tx, &sub.account_id).await?;
+    if sub.ppu_from.is_some() {
+        return Err(input(format!("RESOURCE: {resource:?} is already changed to pay-per-use")));
+    }
+    let end = sub.cycle_end(zone);
+    if released_at(zone, &sub, &book.account) <= at || end <= at {
+        return Err(input(format!("RESOURCE: {resource:?} is no longer in its subscription period")));
+    }
+    let mut events = Vec::new();
+    let (from, line) = if now {
+        let line = refund_line(&mut tx, &sub, &plan, &mut book, at, "to-ppu", &mut events).await?;
+        (at, line)
+    } else {
+        (end, None)
+    };
+    if let Some(l) = &line {
+        ledger::post_lines(&mut tx, std::slice::from_ref(l)).await?;
+    }
+    sub.ppu_from = Some(from);
+    sub.ppu_at_expiry = !now;
+    sub.auto_renew = false;
+    save_subscription(&mut tx, &sub).await?;
+    save_accounts(&mut tx, vec![&book.account]).await?;
+    record_arrears_events(&mut tx, &events).await?;
+    tx.commit().await?;
+    Ok((from, line))
+}
