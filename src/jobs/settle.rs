@@ -66,7 +66,7 @@ pub async fn state(db: &Db) -> Result<SettleState> {
     let r = db
         .rows(
             "SELECT (SELECT MAX(scheduled_at) FROM job_runs WHERE job = $1), (SELECT watermark FROM job_state WHERE job = $1), \
-             (SELECT MIN(created_at) FROM resources WHERE mode = 'pay_per_use')",
+             (SELECT MIN(CASE WHEN ppu_from IS NULL THEN created_at ELSE ppu_from END) FROM resources WHERE mode = 'pay_per_use' OR ppu_from IS NOT NULL)",
             vec![SETTLE_JOB.into()],
             &[Kind::Int, Kind::Int, Kind::Int],
         )

@@ -106,6 +106,7 @@ pub async fn settle(db: &Db, zone: &BillingZone, run: &SettleRun) -> Result<Sett
     save_accounts(&mut tx, changed).await?;
     record_arrears_events(&mut tx, &events).await?;
     if run.scheduled {
+        crate::store::subscriptions::ppu_arrears_transitions(&mut tx, zone, run.at).await?;
         for h in &dirty {
             tx.exec("DELETE FROM dirty_hours WHERE hour_start = $1", vec![(*h).into()]).await?;
         }

@@ -338,7 +338,7 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, at: i64) -> Result<DailyOutc
             }
         }
     }
-    out.transitions += ppu_arrears_transitions(&mut tx, zone, &books, at).await?;
+    out.transitions += ppu_arrears_transitions(&mut tx, zone, at).await?;
 
     // 3. expiry alerts for the cycles still running
     for sub in subs.iter() {
@@ -416,9 +416,23 @@ pub(crate) async fn arrears_periods(tx: &mut Tx) -> Result<HashMap<String, Vec<A
     Ok(out)
 }
 
-/// Frozen and released transitions of pay-per-use resources whose account is in arrears.
-async fn ppu_arrears_transitions(tx: &mut Tx, zone: &BillingZone, books: &HashMap<String, AccountBook>, at: i64) -> Result<usize> {
+/// Records the frozen and released transitions (up to `at`) of pay-per-use resources whose account
+/// is or was in arrears. Both jobs call it, so a transition is in the outbox by the first run after it.
+pub(crate) async fn ppu_arrears_transitions(tx: &mut Tx, zone: &BillingZone, at: i64) -> Result<usize> {
     let periods = arrears_periods(tx).await?;
+    if periods.is_empty() {
+        return Ok(0);
+    }
+    let tiers: HashMap<String, (i64, i64)> = tx
+        .rows(
+            "SELECT id, grace_days, retention_days FROM accounts WHERE id IN (SELECT account_id FROM arrears_periods)",
+            vec![],
+            &[Kind::Text, Kind::Int, Kind::Int],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.text(0), (r.int(1), r.int(2))))
+        .collect();
     let rows = tx
         .rows(
             "SELECT id, account_id, created_at, deleted_at, ppu_from FROM resources WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL) \
@@ -432,23 +446,21 @@ async fn ppu_arrears_transitions(tx: &mut Tx, zone: &BillingZone, books: &HashMa
         let (id, account_id) = (r.text(0), r.text(1));
         let start = r.opt_int(4).unwrap_or(r.int(2)).max(r.int(2));
         let end = r.opt_int(3).unwrap_or(i64::MAX);
-        let Some(book) = books.get(&account_id) else { continue };
-        let trs = arrears_transitions(zone, &periods[&account_id], book.account.grace_days, book.account.retention_days);
+        let Some(&(grace, retention)) = tiers.get(&account_id) else {
+            continue;
+        };
+        let trs = arrears_transitions(zone, &periods[&account_id], grace, retention);
         for tr in trs.iter().filter(|t| t.at >= start && t.at < end && t.at <= at) {
             let Some(kind) = transition_kind(tr.state) else { continue };
-            let new = notify_event(
-                tx,
-                Notice {
-                    key: json!([kind, id, tr.at]).to_string(),
-                    kind,
-                    account_id: account_id.clone(),
-                    resource_id: Some(id.clone()),
-                    at: tr.at,
-                    ..Default::default()
-                },
-            )
-            .await?;
-            n += new as usize;
+            let notice = Notice {
+                key: json!([kind, id, tr.at]).to_string(),
+                kind,
+                account_id: account_id.clone(),
+                resource_id: Some(id.clone()),
+                at: tr.at,
+                ..Default::default()
+            };
+            n += notify_event(tx, notice).await? as usize;
             if tr.state == State::Released {
                 tx.exec(
                     "UPDATE resources SET released_at = $2 WHERE id = $1 AND released_at IS NULL",
@@ -687,6 +699,7 @@ pub async fn to_ppu(db: &Db, zone: &BillingZone, resource: &str, now: bool, at: 
     if let Some(l) = &line {
         ledger::post_lines(&mut tx, std::slice::from_ref(l)).await?;
     }
+    crate::store::world::mark_dirty_span(&mut tx, zone, from, i64::MAX).await?;
     sub.ppu_from = Some(from);
     sub.ppu_at_expiry = !now;
     sub.auto_renew = false;

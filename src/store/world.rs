@@ -142,6 +142,17 @@ pub async fn load_documents(db: &Db, zone: &BillingZone, docs: &[(String, Docume
     Ok(summary)
 }
 
+/// Marks the settled hours in [from, to) for re-settlement by the next settle run.
+pub(crate) async fn mark_dirty_span(tx: &mut Tx, zone: &BillingZone, from: i64, to: i64) -> Result<()> {
+    let w = watermark(tx).await?;
+    let mut dirty = BTreeSet::new();
+    mark_dirty(zone, from, to, w, &mut dirty);
+    let rows: Vec<Vec<Val>> = dirty.into_iter().map(|h| vec![Val::from(h)]).collect();
+    tx.insert_rows("dirty_hours", &["hour_start"], rows, "ON CONFLICT (hour_start) DO NOTHING")
+        .await?;
+    Ok(())
+}
+
 fn mark_dirty(zone: &BillingZone, from: i64, to: i64, watermark: Option<i64>, dirty: &mut BTreeSet<i64>) {
     let Some(w) = watermark else { return };
     let end = to.min(zone.next_hour(w));
