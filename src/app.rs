@@ -349,7 +349,7 @@ impl CatchUp {
         }
         match run {
             JobRun::Settle(o) => {
-                self.settle_runs += 1;
+                self.settle_runs += o.runs;
                 self.lines += o.lines.len();
                 self.amount_due += o.amount_due;
                 self.arrears_began.extend(o.arrears_began.iter().cloned());

@@ -35,6 +35,10 @@ pub fn log_run(b: &Billing, at: i64, run: &JobRun) {
         JobRun::Settle(o) => {
             tracing::info!(run = %b.fmt(at), hours = o.hours.len(), lines = o.lines.len(), amount_due = %o.amount_due, "settle run")
         }
+        JobRun::Settle(o) if o.runs > 1 => tracing::debug!(run = %b.fmt(at), runs = o.runs, "settle runs with nothing to settle"),
+        JobRun::Daily(o) if o.renewals + o.renewal_failures + o.transitions + o.alerts == 0 => {
+            tracing::debug!(run = %b.fmt(at), "daily run: nothing due")
+        }
         JobRun::Daily(o) => tracing::info!(
             run = %b.fmt(at), renewals = o.renewals, failed_attempts = o.renewal_failures, transitions = o.transitions, alerts = o.alerts, skipped = o.skipped, "daily run"
         ),

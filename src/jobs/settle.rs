@@ -97,6 +97,36 @@ pub async fn run_next(db: &Db, zone: &BillingZone, sched: &SettleSchedule, now: 
     Ok(Some((at, out)))
 }
 
+/// The runs due from the next one through `until`, each with the hours it settles.
+pub fn runs_through(zone: &BillingZone, sched: &SettleSchedule, st: &SettleState, until: i64) -> Vec<(i64, Vec<i64>)> {
+    let mut st = *st;
+    let mut out = Vec::new();
+    while let Some(at) = next_run(zone, sched, &st).filter(|at| *at <= until) {
+        let hours = hours_due(zone, sched, &st, at);
+        if let Some(&last) = hours.last() {
+            st.watermark = Some(last);
+        }
+        st.last_run = Some(at);
+        out.push((at, hours));
+    }
+    out
+}
+
+/// Records every run due through `until` at once if none of them has anything to settle (an idle
+/// night, an empty year of catch-up). Returns how many runs it recorded (0: not applicable).
+pub async fn run_empty_span(db: &Db, zone: &BillingZone, sched: &SettleSchedule, until: i64) -> Result<usize> {
+    let st = state(db).await?;
+    let runs = runs_through(zone, sched, &st, until);
+    if runs.len() < 2 || runs.iter().any(|(_, h)| h.is_empty()) {
+        return Ok(0);
+    }
+    Ok(if crate::store::settle::record_empty_runs(db, zone, &runs).await? {
+        runs.len()
+    } else {
+        0
+    })
+}
+
 /// The instant the next run is due, if any.
 pub async fn next_due(db: &Db, zone: &BillingZone, sched: &SettleSchedule) -> Result<Option<i64>> {
     Ok(next_run(zone, sched, &state(db).await?))

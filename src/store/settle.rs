@@ -32,6 +32,8 @@ pub struct SettleRun {
 pub struct SettleOutcome {
     /// Another runner had already done this run.
     pub skipped: bool,
+    /// Runs recorded: 1, or more when a span of runs with nothing to settle was recorded at once.
+    pub runs: usize,
     pub hours: Vec<i64>,
     pub lines: Vec<LedgerLine>,
     pub amount_due: Decimal,
@@ -80,6 +82,7 @@ pub async fn settle(db: &Db, zone: &BillingZone, run: &SettleRun) -> Result<Sett
     let mut events: Vec<ArrearsEvent> = Vec::new();
     let mut out = SettleOutcome {
         hours: hours.clone(),
+        runs: 1,
         ..Default::default()
     };
     for &hour in &hours {
@@ -261,4 +264,67 @@ async fn settle_hour(
     }
     let context = |id: &str| resources.get(id).and_then(|r| plans.get(&r.plan_id).map(|p| (r, p)));
     post_drafts(drafts, context, books, run.at, &run.job, events).map_err(|e| anyhow!("hour {}: {e}", zone.format(hour)))
+}
+
+/// Records a span of consecutive scheduled runs that have nothing to settle in one transaction:
+/// no pay-per-use resource or usage overlaps their hours, nothing is posted there and no hour
+/// awaits re-settlement. Each run still gets its own row. Returns false (and changes nothing) if
+/// the span is not empty after all or another runner got to one of the runs first.
+pub async fn record_empty_runs(db: &Db, zone: &BillingZone, runs: &[(i64, Vec<i64>)]) -> Result<bool> {
+    let hours: Vec<i64> = runs.iter().flat_map(|(_, h)| h.iter().copied()).collect();
+    let (Some(&first), Some(&last)) = (hours.iter().min(), hours.iter().max()) else {
+        return Ok(false);
+    };
+    let end = zone.next_hour(last);
+    let mut tx = db.begin().await?;
+    let busy = tx
+        .rows(
+            "SELECT (SELECT COUNT(*) FROM resources WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL) AND created_at < $2 \
+             AND (ppu_from IS NULL OR ppu_from < $2) AND (deleted_at IS NULL OR deleted_at > $1) AND (released_at IS NULL OR released_at > $1)) \
+             + (SELECT COUNT(*) FROM usage_segments WHERE superseded = 0 AND from_at < $2 AND to_at > $1) \
+             + (SELECT COUNT(*) FROM dirty_hours) + (SELECT COUNT(*) FROM ledger WHERE hour_start >= $1 AND hour_start < $2)",
+            vec![first.into(), end.into()],
+            &[Kind::Int],
+        )
+        .await?[0]
+        .int(0);
+    if busy > 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    let now = clock::wall_now();
+    let rows = runs
+        .iter()
+        .map(|(at, h)| {
+            vec![
+                SETTLE_JOB.into(),
+                (*at).into(),
+                "ok".into(),
+                now.into(),
+                now.into(),
+                serde_json::json!({"hours": h, "empty": true}).to_string().into(),
+            ]
+        })
+        .collect();
+    let inserted = tx
+        .insert_rows(
+            "job_runs",
+            &["job", "scheduled_at", "outcome", "started_at", "finished_at", "detail"],
+            rows,
+            "ON CONFLICT (job, scheduled_at) DO NOTHING",
+        )
+        .await?;
+    if inserted != runs.len() as u64 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    tx.exec(
+        "INSERT INTO job_state (job, watermark) VALUES ($1, $2) ON CONFLICT (job) DO UPDATE SET watermark = excluded.watermark WHERE job_state.watermark < excluded.watermark",
+        vec![SETTLE_JOB.into(), last.into()],
+    )
+    .await?;
+    let last_run = runs.last().map(|(at, _)| *at).unwrap_or(end);
+    crate::store::subscriptions::ppu_arrears_transitions(&mut tx, zone, last_run).await?;
+    tx.commit().await?;
+    Ok(true)
 }
