@@ -31,11 +31,11 @@ async fn shutdown_signal() {
 pub fn log_run(b: &Billing, at: i64, run: &JobRun) {
     match run {
         JobRun::Settle(o) if o.skipped => tracing::info!(run = %b.fmt(at), "settle run already done by another runner"),
+        JobRun::Settle(o) if o.runs > 1 => tracing::debug!(run = %b.fmt(at), runs = o.runs, "settle runs with nothing to settle"),
         JobRun::Settle(o) if o.lines.is_empty() => tracing::debug!(run = %b.fmt(at), hours = o.hours.len(), "settle run: nothing to post"),
         JobRun::Settle(o) => {
             tracing::info!(run = %b.fmt(at), hours = o.hours.len(), lines = o.lines.len(), amount_due = %o.amount_due, "settle run")
         }
-        JobRun::Settle(o) if o.runs > 1 => tracing::debug!(run = %b.fmt(at), runs = o.runs, "settle runs with nothing to settle"),
         JobRun::Daily(o) if o.renewals + o.renewal_failures + o.transitions + o.alerts == 0 => {
             tracing::debug!(run = %b.fmt(at), "daily run: nothing due")
         }
