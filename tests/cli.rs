@@ -142,3 +142,42 @@ fn demo_runs_on_a_fresh_directory() {
         .unwrap());
     assert_eq!(again, out);
 }
+
+#[test]
+fn subscription_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("b.db").display());
+    let doc = dir.path().join("s.json");
+    std::fs::write(
+        &doc,
+        r#"{"accounts": [{"id": "acme", "balance": "500.00"}],
+            "plans": [{"id": "pp", "product": "KooPhone", "hourly": {"instance": "0.36"}, "monthly": "99.00"}],
+            "resources": [{"id": "s1", "account": "acme", "plan": "pp", "mode": "monthly", "purchased_at": "2023-06-16T00:00:00Z"},
+                          {"id": "s2", "account": "acme", "plan": "pp", "mode": "monthly", "purchased_at": "2023-06-16T00:00:00Z"},
+                          {"id": "s3", "account": "acme", "plan": "pp", "mode": "monthly", "purchased_at": "2023-06-16T00:00:00Z"}]}"#,
+    )
+    .unwrap();
+    ok(&billrun(&url, &["load", doc.to_str().unwrap()]));
+    let out = ok(&billrun(&url, &["renew", "s1", "--periods", "2", "--at", "2023-06-20T00:00:00Z"]));
+    assert!(out.contains("renewed to 2023-09-17T00:00:00Z for 198.00"), "{out}");
+    let out = ok(&billrun(&url, &["unsubscribe", "s2", "--at", "2023-06-28T08:58:30Z"]));
+    assert!(out.contains("refunded 59.40"), "{out}");
+    fails(&billrun(&url, &["to-ppu", "s3"]), 2, "--now");
+    fails(&billrun(&url, &["to-ppu", "s3", "--now", "--at-expiry"]), 2, "cannot be used with");
+    let out = ok(&billrun(&url, &["to-ppu", "s3", "--at-expiry", "--at", "2023-06-20T00:00:00Z"]));
+    assert!(out.contains("billed pay-per-use from 2023-07-17T00:00:00Z"), "{out}");
+    fails(&billrun(&url, &["renew", "nope", "--periods", "1"]), 2, "no resource");
+    fails(&billrun(&url, &["renew", "s1", "--periods", "0"]), 2, "--periods");
+    let status: serde_json::Value = serde_json::from_str(&ok(&billrun(&url, &["status", "--json"]))).unwrap();
+    let s1 = status["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "s1")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (s1["mode"].as_str(), s1["expires_on"].as_str()),
+        (Some("monthly"), Some("2023-09-16"))
+    );
+}
