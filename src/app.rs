@@ -1,7 +1,7 @@
 //! What each command does, as library functions over an open database: the CLI and the tests call
 //! these, so the tests drive exactly what an operator runs.
 
-use crate::billing::lifecycle::{arrears_transitions, expiry_transitions, state_at, ArrearsPeriod, State};
+use crate::billing::lifecycle::{arrears_transitions, expiry_transitions, state_at, State};
 use crate::billing::model::LedgerLine;
 use crate::billing::money::{fmt_amount, fmt_cents};
 use crate::billing::zone::{parse_instant, BillingZone};
@@ -229,14 +229,9 @@ impl Billing {
             .iter()
             .map(|r| (r.text(0), (r.int(1), r.int(2))))
             .collect();
-        let mut periods: std::collections::HashMap<String, Vec<ArrearsPeriod>> = std::collections::HashMap::new();
-        let sql = "SELECT account_id, began_at, cleared_at FROM arrears_periods ORDER BY account_id, began_at";
-        for r in self.db.rows(sql, vec![], &[Kind::Text, Kind::Int, Kind::Int]).await? {
-            periods.entry(r.text(0)).or_default().push(ArrearsPeriod {
-                began: r.int(1),
-                cleared: r.opt_int(2),
-            });
-        }
+        let mut tx = self.db.begin().await?;
+        let periods = subscriptions::arrears_periods(&mut tx).await?;
+        tx.rollback().await?;
         let rows = self
             .db
             .rows(

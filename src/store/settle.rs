@@ -3,8 +3,8 @@
 //! leaves nothing behind; the run's row is the claim, so a second runner skips it.
 
 use super::db::{Db, Kind, Tx};
-use super::ledger;
-use super::world::{account_of, plan_of, record_arrears_events, resource_of, save_accounts, ACCOUNT_KINDS, SETTLE_JOB};
+use super::world::{account_of, all_plans, record_arrears_events, resource_of, save_accounts, ACCOUNT_KINDS, SETTLE_JOB};
+use super::{ledger, runs};
 use crate::billing::lifecycle::{arrears_transitions, unbillable_windows, ArrearsPeriod};
 use crate::billing::model::{LedgerLine, MeteredResource, Plan, UsageSegment};
 use crate::billing::settle::{desired_usage, post_drafts, reconcile, AccountBook, ArrearsEvent, PostedUsage, Unbillable};
@@ -42,20 +42,12 @@ pub struct SettleOutcome {
 
 pub async fn settle(db: &Db, zone: &BillingZone, run: &SettleRun) -> Result<SettleOutcome> {
     let mut tx = db.begin().await?;
-    if !run.dry_run {
-        let claimed = tx
-            .exec(
-                "INSERT INTO job_runs (job, scheduled_at, outcome, started_at) VALUES ($1, $2, 'running', $3) ON CONFLICT (job, scheduled_at) DO NOTHING",
-                vec![run.job.clone().into(), run.at.into(), clock::wall_now().into()],
-            )
-            .await?;
-        if claimed == 0 {
-            tx.rollback().await?;
-            return Ok(SettleOutcome {
-                skipped: true,
-                ..Default::default()
-            });
-        }
+    if !run.dry_run && !runs::claim(&mut tx, &run.job, run.at).await? {
+        tx.rollback().await?;
+        return Ok(SettleOutcome {
+            skipped: true,
+            ..Default::default()
+        });
     }
     let mut hours = run.hours.clone();
     let dirty: Vec<i64> = if run.scheduled {
@@ -71,12 +63,7 @@ pub async fn settle(db: &Db, zone: &BillingZone, run: &SettleRun) -> Result<Sett
     hours.sort_unstable();
     hours.dedup();
 
-    let plans: HashMap<String, Plan> = tx
-        .rows("SELECT doc FROM plans", vec![], &[Kind::Text])
-        .await?
-        .iter()
-        .map(|r| plan_of(r).map(|p| (p.id.clone(), p)))
-        .collect::<Result<_>>()?;
+    let plans = all_plans(&mut tx).await?;
     let periods = arrears_periods(&mut tx).await?;
     let mut books: HashMap<String, AccountBook> = HashMap::new();
     let mut events: Vec<ArrearsEvent> = Vec::new();
@@ -125,10 +112,13 @@ pub async fn settle(db: &Db, zone: &BillingZone, run: &SettleRun) -> Result<Sett
             tx.exec("DELETE FROM dirty_hours WHERE hour_start = $1", vec![(*h).into()]).await?;
         }
     }
-    let detail = serde_json::json!({"hours": hours}).to_string();
-    tx.exec(
-        "UPDATE job_runs SET outcome = 'ok', finished_at = $3, lines = $4, amount_due = $5, detail = $6 WHERE job = $1 AND scheduled_at = $2",
-        vec![run.job.clone().into(), run.at.into(), clock::wall_now().into(), (out.lines.len() as i64).into(), out.amount_due.into(), detail.into()],
+    runs::finish(
+        &mut tx,
+        &run.job,
+        run.at,
+        out.lines.len(),
+        out.amount_due,
+        serde_json::json!({"hours": hours}),
     )
     .await?;
     tx.commit().await?;

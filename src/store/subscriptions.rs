@@ -3,8 +3,8 @@
 //! (renew, unsubscribe, to-ppu). Each is one transaction.
 
 use super::db::{Db, Kind, Row, Tx};
-use super::ledger;
-use super::world::{account_of, notify_event, plan_of, record_arrears_events, save_accounts, Notice, ACCOUNT_KINDS};
+use super::world::{account_of, all_plans, notify_event, plan_of, record_arrears_events, save_accounts, Notice, ACCOUNT_KINDS};
+use super::{ledger, runs};
 use crate::billing::lifecycle::{
     alert_days, arrears_transitions, days_until, expiry_transitions, refund_at, renewal_due, ArrearsPeriod, PaidCycle, State,
 };
@@ -16,7 +16,6 @@ use crate::billing::prepaid::{
 };
 use crate::billing::settle::{AccountBook, ArrearsEvent};
 use crate::billing::zone::BillingZone;
-use crate::clock;
 use crate::error::InputError;
 use anyhow::{anyhow, Context, Result};
 use chrono::NaiveDate;
@@ -181,13 +180,7 @@ fn transition_kind(s: State) -> Option<&'static str> {
 /// expiry alerts, in one transaction claimed by its (job, instant) row.
 pub async fn daily_run(db: &Db, zone: &BillingZone, at: i64) -> Result<DailyOutcome> {
     let mut tx = db.begin().await?;
-    let claimed = tx
-        .exec(
-            "INSERT INTO job_runs (job, scheduled_at, outcome, started_at) VALUES ($1, $2, 'running', $3) ON CONFLICT (job, scheduled_at) DO NOTHING",
-            vec![DAILY_JOB.into(), at.into(), clock::wall_now().into()],
-        )
-        .await?;
-    if claimed == 0 {
+    if !runs::claim(&mut tx, DAILY_JOB, at).await? {
         tx.rollback().await?;
         return Ok(DailyOutcome {
             skipped: true,
@@ -196,12 +189,7 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, at: i64) -> Result<DailyOutc
     }
     let today = zone.local_date(at);
     let mut out = DailyOutcome::default();
-    let plans: HashMap<String, Plan> = tx
-        .rows("SELECT doc FROM plans", vec![], &[Kind::Text])
-        .await?
-        .iter()
-        .map(|r| plan_of(r).map(|p| (p.id.clone(), p)))
-        .collect::<Result<_>>()?;
+    let plans = all_plans(&mut tx).await?;
     let mut books: HashMap<String, AccountBook> = tx
         .rows(
             "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id IN \
@@ -381,18 +369,8 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, at: i64) -> Result<DailyOutc
     record_arrears_events(&mut tx, &events).await?;
     let detail =
         json!({"renewals": out.renewals, "renewal_failures": out.renewal_failures, "transitions": out.transitions, "alerts": out.alerts});
-    tx.exec(
-        "UPDATE job_runs SET outcome = 'ok', finished_at = $3, lines = $4, amount_due = $5, detail = $6 WHERE job = $1 AND scheduled_at = $2",
-        vec![
-            DAILY_JOB.into(),
-            at.into(),
-            clock::wall_now().into(),
-            (out.lines.len() as i64).into(),
-            out.lines.iter().map(|l| l.amount_due).sum::<Decimal>().into(),
-            detail.to_string().into(),
-        ],
-    )
-    .await?;
+    let amount: Decimal = out.lines.iter().map(|l| l.amount_due).sum();
+    runs::finish(&mut tx, DAILY_JOB, at, out.lines.len(), amount, detail).await?;
     tx.commit().await?;
     Ok(out)
 }

@@ -43,6 +43,15 @@ pub(crate) fn plan_of(r: &Row) -> Result<Plan> {
     serde_json::from_str(&r.text(0)).context("stored plan document")
 }
 
+/// Every plan, by id (plans are few).
+pub(crate) async fn all_plans(tx: &mut Tx) -> Result<std::collections::HashMap<String, Plan>> {
+    tx.rows("SELECT doc FROM plans", vec![], &[Kind::Text])
+        .await?
+        .iter()
+        .map(|r| plan_of(r).map(|p| (p.id.clone(), p)))
+        .collect()
+}
+
 /// Summary of one `load`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LoadSummary {
