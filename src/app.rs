@@ -9,8 +9,9 @@ use crate::config::Config;
 use crate::error::InputError;
 use crate::fixture::parse_document;
 use crate::jobs::settle::{self as settle_job, SettleSchedule};
-use crate::jobs::{self, JobRun};
+use crate::jobs::{self, JobRun, Step};
 use crate::store::db::{Db, Kind};
+use crate::store::runs::{self, ClaimResult};
 use crate::store::settle::{settle, SettleOutcome, SettleRun};
 use crate::store::world::{self, LoadSummary, SETTLE_JOB};
 use crate::store::{ledger, schema, subscriptions};
@@ -24,17 +25,20 @@ pub struct Billing {
     pub db: Db,
     pub zone: BillingZone,
     pub settle: SettleSchedule,
+    /// How long a claim on a run lasts without renewal.
+    pub lease_seconds: i64,
 }
 
 impl Billing {
     pub async fn open(cfg: &Config) -> Result<Billing> {
-        let db = Db::connect(&cfg.database_url).await?;
+        let db = Db::connect_with_lease(&cfg.database_url, cfg.lease_seconds).await?;
         schema::migrate(&db).await.context("migrating the schema")?;
         let zone = schema::billing_zone(&db, cfg.timezone.as_ref()).await?;
         Ok(Billing {
             db,
             zone,
             settle: cfg.settle,
+            lease_seconds: cfg.lease_seconds,
         })
     }
 
@@ -64,10 +68,30 @@ impl Billing {
     /// Runs every job due up to `now`, oldest first across jobs, each at its own scheduled instant.
     pub async fn tick(&self, now: i64, mut on_run: impl FnMut(i64, &JobRun)) -> Result<CatchUp> {
         let mut total = CatchUp::default();
-        while let Some((at, run)) = jobs::run_next(&self.db, &self.zone, &self.settle, now).await? {
-            total.add(&run);
-            on_run(at, &run);
+        while !crate::shutdown::requested() {
+            match jobs::step(&self.db, &self.zone, &self.settle, self.lease_seconds, now).await? {
+                Step::Ran(at, run) => {
+                    total.add(&run);
+                    on_run(at, &run);
+                }
+                Step::Held {
+                    job,
+                    at,
+                    owner,
+                    lease_until,
+                } => {
+                    // runs are done in order: wait for the holder to finish, or for its lease to expire
+                    tracing::info!(job, run = %self.fmt(at), owner, lease_until = %self.fmt(lease_until), "waiting for another runner");
+                    total.waited += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                        _ = crate::shutdown::wait() => {}
+                    }
+                }
+                Step::Idle => break,
+            }
         }
+        total.interrupted = crate::shutdown::requested();
         self.db
             .exec(
                 "INSERT INTO meta (key, value) VALUES ('last_tick_now', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -97,7 +121,17 @@ impl Billing {
             scheduled: false,
             dry_run,
         };
-        settle(&self.db, &self.zone, &run).await
+        if dry_run {
+            return settle(&self.db, &self.zone, &run, None).await;
+        }
+        match runs::claim(&self.db, &run.job, at, self.lease_seconds).await? {
+            ClaimResult::Claimed(c) => settle(&self.db, &self.zone, &run, Some(&c)).await,
+            ClaimResult::Done => Ok(SettleOutcome {
+                skipped: true,
+                ..Default::default()
+            }),
+            ClaimResult::Held { owner, .. } => Err(anyhow::anyhow!("{} at {} is being run by {owner}", run.job, self.fmt(at))),
+        }
     }
 
     pub async fn topup(&self, account: &str, amount: &str, at: i64) -> Result<Decimal> {
@@ -334,6 +368,10 @@ pub struct CatchUp {
     pub transitions: usize,
     pub alerts: usize,
     pub arrears_began: Vec<String>,
+    /// Times the catch-up waited for a run held by another runner.
+    pub waited: usize,
+    /// Stopped early by SIGTERM/SIGINT (after a whole run).
+    pub interrupted: bool,
 }
 
 impl CatchUp {

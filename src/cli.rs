@@ -25,6 +25,9 @@ pub struct Cli {
     /// TOML file with database_url, timezone, settlement_delay_seconds
     #[arg(long, env = "BILLRUN_CONFIG", global = true)]
     pub config: Option<PathBuf>,
+    /// Seconds a claim on a job run lasts without renewal; a dead runner's run is taken over after it
+    #[arg(long, env = "BILLRUN_LEASE_SECONDS", global = true)]
+    pub lease_seconds: Option<i64>,
     /// Log format on stderr
     #[arg(long, global = true, value_parser = ["human", "json"], default_value = "human")]
     pub log_format: String,
@@ -141,7 +144,12 @@ pub async fn run(cli: Cli) -> Result<()> {
     if let Command::Demo { dir } = &cli.command {
         return crate::demo::run(dir).await;
     }
-    let cfg = Config::resolve(cli.database_url.clone(), cli.timezone.clone(), cli.config.as_deref())?;
+    let cfg = Config::resolve(
+        cli.database_url.clone(),
+        cli.timezone.clone(),
+        cli.lease_seconds,
+        cli.config.as_deref(),
+    )?;
     if let Command::Migrate = cli.command {
         let db = crate::store::db::Db::connect(&cfg.database_url).await?;
         let v = schema::migrate(&db).await?;
@@ -161,7 +169,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Tick { now } => {
             let now = at_or_now("--now", &now)?;
+            crate::shutdown::install();
             let total = b.tick(now, |at, run| crate::daemon::log_run(&b, at, run)).await?;
+            if total.interrupted {
+                println!("stopped by a signal after a whole run; the next tick goes on from there");
+            }
             println!(
                 "tick to {}: {} settle runs, {} daily runs, {} lines, {} due; {} renewals, {} failed renewal attempts, {} transitions, {} alerts{}",
                 b.fmt(now),

@@ -17,6 +17,8 @@ pub struct FileConfig {
     pub timezone: Option<String>,
     /// Seconds after an hour ends before it is settled (default 3600).
     pub settlement_delay_seconds: Option<i64>,
+    /// How long a claim on a run lasts without renewal (default 60).
+    pub lease_seconds: Option<i64>,
 }
 
 #[derive(Clone, Debug)]
@@ -25,11 +27,14 @@ pub struct Config {
     /// None: whatever the database already bills in (UTC for a new one).
     pub timezone: Option<BillingZone>,
     pub settle: SettleSchedule,
+    pub lease_seconds: i64,
 }
+
+pub const DEFAULT_LEASE_SECONDS: i64 = 60;
 
 impl Config {
     /// Combines the sources; `flag_*` already include the environment (clap reads `BILLRUN_*`).
-    pub fn resolve(flag_url: Option<String>, flag_tz: Option<String>, file: Option<&Path>) -> Result<Config> {
+    pub fn resolve(flag_url: Option<String>, flag_tz: Option<String>, flag_lease: Option<i64>, file: Option<&Path>) -> Result<Config> {
         let file: FileConfig = match file {
             None => FileConfig::default(),
             Some(p) => {
@@ -45,10 +50,15 @@ impl Config {
         if !(0..=7 * 86400).contains(&delay) {
             return Err(InputError(format!("--config: settlement_delay_seconds {delay} is not between 0 and 604800")).into());
         }
+        let lease_seconds = flag_lease.or(file.lease_seconds).unwrap_or(DEFAULT_LEASE_SECONDS);
+        if !(2..=3600).contains(&lease_seconds) {
+            return Err(InputError(format!("--lease-seconds: {lease_seconds} is not between 2 and 3600")).into());
+        }
         Ok(Config {
             database_url: flag_url.or(file.database_url).unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string()),
             timezone,
             settle: SettleSchedule { delay },
+            lease_seconds,
         })
     }
 }

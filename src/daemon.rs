@@ -3,29 +3,9 @@
 
 use crate::app::Billing;
 use crate::clock;
-use crate::jobs::{self, JobRun};
+use crate::jobs::{self, JobRun, Step};
 use anyhow::Result;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Notify;
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    ctrl_c.await.unwrap_or(());
-}
 
 /// One log line per run that did something; empty hourly runs log at debug.
 pub fn log_run(b: &Billing, at: i64, run: &JobRun) {
@@ -46,35 +26,32 @@ pub fn log_run(b: &Billing, at: i64, run: &JobRun) {
 }
 
 pub async fn run(b: &Billing, poll_seconds: u64) -> Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let wake = Arc::new(Notify::new());
-    {
-        let (stop, wake) = (stop.clone(), wake.clone());
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            tracing::info!("shutdown requested: finishing the current run");
-            stop.store(true, Ordering::SeqCst);
-            wake.notify_one();
-        });
-    }
-    tracing::info!(zone = %b.zone, "billrun daemon started");
-    while !stop.load(Ordering::SeqCst) {
+    crate::shutdown::install();
+    tracing::info!(zone = %b.zone, owner = crate::store::runs::owner_id(), "billrun daemon started");
+    while !crate::shutdown::requested() {
         let now = clock::wall_now();
-        match jobs::run_next(&b.db, &b.zone, &b.settle, now).await {
-            Ok(Some((at, run))) => {
+        let wait = match jobs::step(&b.db, &b.zone, &b.settle, b.lease_seconds, now).await {
+            Ok(Step::Ran(at, run)) => {
                 log_run(b, at, &run);
                 continue;
             }
-            Ok(None) => {}
-            Err(e) => tracing::error!(error = %format!("{e:#}"), "run failed; retrying"),
-        }
-        let next = jobs::next_due(&b.db, &b.zone, &b.settle).await.ok().flatten().map(|(_, t)| t);
-        let wait = next
-            .map(|t| (t - clock::wall_now()).clamp(1, poll_seconds as i64) as u64)
-            .unwrap_or(poll_seconds);
+            Ok(Step::Held { job, at, owner, .. }) => {
+                tracing::debug!(job, run = %b.fmt(at), owner, "held by another runner");
+                1
+            }
+            Ok(Step::Idle) => {
+                let next = jobs::next_due(&b.db, &b.zone, &b.settle).await.ok().flatten().map(|(_, t)| t);
+                next.map(|t| (t - clock::wall_now()).clamp(1, poll_seconds as i64) as u64)
+                    .unwrap_or(poll_seconds)
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "run failed; it will be retried");
+                poll_seconds.min(10)
+            }
+        };
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(wait)) => {}
-            _ = wake.notified() => {}
+            _ = crate::shutdown::wait() => {}
         }
     }
     tracing::info!("billrun daemon stopped");

@@ -32,6 +32,7 @@ pub async fn run(dir: &Path) -> Result<()> {
         database_url: format!("sqlite://{}", db_path.display()),
         timezone: None,
         settle: SettleSchedule::default(),
+        lease_seconds: crate::config::DEFAULT_LEASE_SECONDS,
     };
     let b = Billing::open(&cfg).await?;
     let s = b.load_json("fixtures/demo.json", DEMO_FIXTURE).await?;

@@ -9,4 +9,6 @@ pub mod error;
 pub mod export;
 pub mod fixture;
 pub mod jobs;
+pub mod metrics;
+pub mod shutdown;
 pub mod store;

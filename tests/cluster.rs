@@ -32,7 +32,8 @@ fn world(accounts: usize, resources: usize) -> String {
 
 fn billrun(url: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_billrun"));
-    c.arg("--database-url").arg(url).env("BILLRUN_LOG", "warn");
+    // short leases: a killed runner's run is taken over after 3 s
+    c.arg("--database-url").arg(url).env("BILLRUN_LOG", "warn").env("BILLRUN_LEASE_SECONDS", "3");
     c
 }
 

@@ -507,6 +507,7 @@ async fn a_zone_other_than_the_stored_one_is_refused() {
             database_url: be.url.clone(),
             timezone: Some(billrun::billing::zone::BillingZone::parse("UTC").unwrap()),
             settle: Default::default(),
+            lease_seconds: 60,
         };
         let err = billrun::app::Billing::open(&cfg).await.err().expect("refused");
         assert_eq!(exit_code(&err), 2);

@@ -22,7 +22,7 @@ pub fn next_run(zone: &BillingZone, last_run: Option<i64>, earliest_resource: Op
 pub async fn next_due(db: &Db, zone: &BillingZone) -> Result<Option<i64>> {
     let r = db
         .rows(
-            "SELECT (SELECT MAX(scheduled_at) FROM job_runs WHERE job = $1), (SELECT MIN(created_at) FROM resources)",
+            "SELECT (SELECT MAX(scheduled_at) FROM job_runs WHERE job = $1 AND outcome = 'ok'), (SELECT MIN(created_at) FROM resources)",
             vec![DAILY_JOB.into()],
             &[Kind::Int, Kind::Int],
         )

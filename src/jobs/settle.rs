@@ -2,7 +2,7 @@
 
 use crate::billing::zone::BillingZone;
 use crate::store::db::{Db, Kind};
-use crate::store::settle::{settle, SettleOutcome, SettleRun};
+use crate::store::settle::SettleRun;
 use crate::store::world::SETTLE_JOB;
 use anyhow::Result;
 
@@ -65,7 +65,7 @@ pub fn hours_due(zone: &BillingZone, sched: &SettleSchedule, st: &SettleState, a
 pub async fn state(db: &Db) -> Result<SettleState> {
     let r = db
         .rows(
-            "SELECT (SELECT MAX(scheduled_at) FROM job_runs WHERE job = $1), (SELECT watermark FROM job_state WHERE job = $1), \
+            "SELECT (SELECT MAX(scheduled_at) FROM job_runs WHERE job = $1 AND outcome = 'ok'), (SELECT watermark FROM job_state WHERE job = $1), \
              (SELECT MIN(CASE WHEN ppu_from IS NULL THEN created_at ELSE ppu_from END) FROM resources WHERE mode = 'pay_per_use' OR ppu_from IS NOT NULL)",
             vec![SETTLE_JOB.into()],
             &[Kind::Int, Kind::Int, Kind::Int],
@@ -79,22 +79,20 @@ pub async fn state(db: &Db) -> Result<SettleState> {
     })
 }
 
-/// Runs the next due settle run if it is due by `now`; `None` when nothing is due.
-pub async fn run_next(db: &Db, zone: &BillingZone, sched: &SettleSchedule, now: i64) -> Result<Option<(i64, SettleOutcome)>> {
+/// The next scheduled settle run with the hours it settles, if it is due by `now`.
+pub async fn plan_next(db: &Db, zone: &BillingZone, sched: &SettleSchedule, now: i64) -> Result<Option<SettleRun>> {
     let st = state(db).await?;
     let Some(at) = next_run(zone, sched, &st) else { return Ok(None) };
     if at > now {
         return Ok(None);
     }
-    let run = SettleRun {
+    Ok(Some(SettleRun {
         job: SETTLE_JOB.to_string(),
         at,
         hours: hours_due(zone, sched, &st, at),
         scheduled: true,
         dry_run: false,
-    };
-    let out = settle(db, zone, &run).await?;
-    Ok(Some((at, out)))
+    }))
 }
 
 /// The runs due from the next one through `until`, each with the hours it settles.

@@ -187,6 +187,12 @@ fn read_pg(row: &PgRow, kinds: &[Kind]) -> Result<Row> {
 impl Db {
     /// Opens `sqlite://PATH` (created if missing, WAL) or `postgres://...`.
     pub async fn connect(url: &str) -> Result<Db> {
+        Self::connect_with_lease(url, crate::config::DEFAULT_LEASE_SECONDS).await
+    }
+
+    /// As `connect`; on PostgreSQL a session idle inside a transaction for longer than the lease
+    /// is ended by the server, so a paused runner cannot hold row locks past its lease.
+    pub async fn connect_with_lease(url: &str, lease_seconds: i64) -> Result<Db> {
         let shown = redact_url(url);
         if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)
@@ -206,8 +212,9 @@ impl Db {
                 .map_err(|e| anyhow!("cannot open SQLite database {shown}: {e}"))?;
             Ok(Db::Sqlite(pool))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            let opts =
-                PgConnectOptions::from_str(url).map_err(|e| anyhow!("database URL {shown}: {}", strip_secret(&e.to_string(), url)))?;
+            let opts = PgConnectOptions::from_str(url)
+                .map_err(|e| anyhow!("database URL {shown}: {}", strip_secret(&e.to_string(), url)))?
+                .options([("idle_in_transaction_session_timeout", format!("{}s", lease_seconds.max(1)))]);
             // one direct attempt first, so an unreachable server fails at once with its reason
             let probe = sqlx::postgres::PgConnection::connect_with(&opts)
                 .await

@@ -1,29 +1,182 @@
-//! Job runs: each (job, scheduled instant) has one row, inserted as the first statement of the run's
-//! transaction. The row is the claim: a second runner's insert waits for the first transaction and
-//! then finds the row, so a run is done once; a crashed run rolls back with its row.
+//! Job runs and their claims. Each (job, scheduled instant) has one row. A runner claims it by
+//! committing its owner id and a lease expiry (a guarded upsert: only a run not done and whose
+//! lease has expired can be taken), renews the lease while it works, and its work transaction
+//! checks (owner, attempt) before committing. So a run is done once; a runner that died is taken
+//! over when its lease expires; a runner that was paused past its lease writes nothing.
 
-use super::db::Tx;
+use super::db::{Db, Kind, Tx};
 use crate::clock;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use rust_decimal::Decimal;
+use std::sync::OnceLock;
+use std::time::Duration;
 
-/// Claims the run; false if it is already done (or being done) by another runner.
-pub(crate) async fn claim(tx: &mut Tx, job: &str, at: i64) -> Result<bool> {
-    let rows = tx
-        .exec(
-            "INSERT INTO job_runs (job, scheduled_at, outcome, started_at) VALUES ($1, $2, 'running', $3) ON CONFLICT (job, scheduled_at) DO NOTHING",
-            vec![job.into(), at.into(), clock::wall_now().into()],
-        )
-        .await?;
-    Ok(rows > 0)
+/// This process's identity in claims: host, pid and start time.
+pub fn owner_id() -> &'static str {
+    static OWNER: OnceLock<String> = OnceLock::new();
+    OWNER.get_or_init(|| {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "host".to_string());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        format!("{host}-{}-{nanos:x}", std::process::id())
+    })
 }
 
-/// Records what the run did, in its own transaction, just before it commits.
-pub(crate) async fn finish(tx: &mut Tx, job: &str, at: i64, lines: usize, amount_due: Decimal, detail: serde_json::Value) -> Result<()> {
-    tx.exec(
-        "UPDATE job_runs SET outcome = 'ok', finished_at = $3, lines = $4, amount_due = $5, detail = $6 WHERE job = $1 AND scheduled_at = $2",
-        vec![job.into(), at.into(), clock::wall_now().into(), (lines as i64).into(), amount_due.into(), detail.to_string().into()],
+/// A run this process holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub job: String,
+    pub at: i64,
+    pub owner: String,
+    pub attempt: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimResult {
+    Claimed(Claim),
+    /// The run is done.
+    Done,
+    /// Another runner holds it until `lease_until`.
+    Held {
+        owner: String,
+        lease_until: i64,
+    },
+}
+
+/// Tries to claim a run for `lease_seconds`, in its own short transaction.
+pub async fn claim(db: &Db, job: &str, at: i64, lease_seconds: i64) -> Result<ClaimResult> {
+    let owner = owner_id();
+    let now = clock::wall_now();
+    let mut tx = db.begin().await?;
+    let rows = tx
+        .rows(
+            "INSERT INTO job_runs (job, scheduled_at, outcome, owner, lease_until, started_at, attempt) VALUES ($1, $2, 'running', $3, $4, $5, 1) \
+             ON CONFLICT (job, scheduled_at) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until, \
+             started_at = excluded.started_at, attempt = job_runs.attempt + 1 \
+             WHERE job_runs.outcome <> 'ok' AND (job_runs.lease_until IS NULL OR job_runs.lease_until < excluded.started_at) \
+             RETURNING attempt",
+            vec![job.into(), at.into(), owner.into(), (now + lease_seconds).into(), now.into()],
+            &[Kind::Int],
+        )
+        .await?;
+    let result = match rows.first() {
+        Some(r) => {
+            if r.int(0) > 1 {
+                tracing::warn!(job, run = at, attempt = r.int(0), "took over a run whose lease had expired");
+                crate::metrics::claims_taken_over();
+            }
+            ClaimResult::Claimed(Claim {
+                job: job.to_string(),
+                at,
+                owner: owner.to_string(),
+                attempt: r.int(0),
+            })
+        }
+        None => {
+            let r = tx
+                .rows(
+                    "SELECT outcome, owner, lease_until FROM job_runs WHERE job = $1 AND scheduled_at = $2",
+                    vec![job.into(), at.into()],
+                    &[Kind::Text, Kind::Text, Kind::Int],
+                )
+                .await?;
+            match r.first() {
+                Some(r) if r.text(0) == "ok" => ClaimResult::Done,
+                Some(r) => ClaimResult::Held {
+                    owner: r.opt_text(1).unwrap_or_default(),
+                    lease_until: r.opt_int(2).unwrap_or(0),
+                },
+                None => bail!("job run {job}@{at} vanished while being claimed"),
+            }
+        }
+    };
+    tx.commit().await?;
+    Ok(result)
+}
+
+/// Extends the lease; false if it was taken over.
+pub async fn renew(db: &Db, c: &Claim, lease_seconds: i64) -> Result<bool> {
+    let n = db
+        .exec(
+            "UPDATE job_runs SET lease_until = $5 WHERE job = $1 AND scheduled_at = $2 AND owner = $3 AND attempt = $4 AND outcome = 'running'",
+            vec![c.job.clone().into(), c.at.into(), c.owner.clone().into(), c.attempt.into(), (clock::wall_now() + lease_seconds).into()],
+        )
+        .await?;
+    Ok(n > 0)
+}
+
+/// Gives the run back (shutdown before it was done): another runner may take it at once.
+pub async fn release(db: &Db, c: &Claim) -> Result<()> {
+    db.exec(
+        "UPDATE job_runs SET lease_until = 0 WHERE job = $1 AND scheduled_at = $2 AND owner = $3 AND attempt = $4 AND outcome = 'running'",
+        vec![c.job.clone().into(), c.at.into(), c.owner.clone().into(), c.attempt.into()],
     )
     .await?;
+    Ok(())
+}
+
+/// Keeps a claim's lease alive while the run works (PostgreSQL: another connection renews it).
+pub struct LeaseKeeper {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseKeeper {
+    pub fn start(db: &Db, c: &Claim, lease_seconds: i64) -> LeaseKeeper {
+        let (db, c) = (db.clone(), c.clone());
+        let every = Duration::from_millis((lease_seconds.max(3) * 1000 / 3) as u64);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match renew(&db, &c, lease_seconds).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(job = %c.job, run = c.at, "lease lost: another runner took this run over");
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not renew a lease"),
+                }
+            }
+        });
+        LeaseKeeper { task }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Records what the run did, in the run's own transaction: only if this runner still holds the
+/// claim, else the whole transaction is refused (fencing).
+pub(crate) async fn finish(tx: &mut Tx, c: &Claim, lines: usize, amount_due: Decimal, detail: serde_json::Value) -> Result<()> {
+    let n = tx
+        .exec(
+            "UPDATE job_runs SET outcome = 'ok', finished_at = $5, lines = $6, amount_due = $7, detail = $8 \
+             WHERE job = $1 AND scheduled_at = $2 AND owner = $3 AND attempt = $4 AND outcome = 'running'",
+            vec![
+                c.job.clone().into(),
+                c.at.into(),
+                c.owner.clone().into(),
+                c.attempt.into(),
+                clock::wall_now().into(),
+                (lines as i64).into(),
+                amount_due.into(),
+                detail.to_string().into(),
+            ],
+        )
+        .await?;
+    if n == 0 {
+        bail!(
+            "run {}@{}: the lease was taken over by another runner; nothing of this attempt is kept",
+            c.job,
+            c.at
+        );
+    }
     Ok(())
 }

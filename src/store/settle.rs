@@ -3,8 +3,9 @@
 //! leaves nothing behind; the run's row is the claim, so a second runner skips it.
 
 use super::db::{Db, Kind, Tx};
+use super::ledger;
+use super::runs::{self, Claim};
 use super::world::{account_of, all_plans, record_arrears_events, resource_of, save_accounts, ACCOUNT_KINDS, SETTLE_JOB};
-use super::{ledger, runs};
 use crate::billing::lifecycle::{arrears_transitions, unbillable_windows, ArrearsPeriod};
 use crate::billing::model::{LedgerLine, MeteredResource, Plan, UsageSegment};
 use crate::billing::settle::{desired_usage, post_drafts, reconcile, AccountBook, ArrearsEvent, PostedUsage, Unbillable};
@@ -40,15 +41,10 @@ pub struct SettleOutcome {
     pub arrears_began: Vec<String>,
 }
 
-pub async fn settle(db: &Db, zone: &BillingZone, run: &SettleRun) -> Result<SettleOutcome> {
+/// Settles a run's hours in one transaction. `claim` is the caller's hold on the run (None only
+/// for a dry run, which changes nothing).
+pub async fn settle(db: &Db, zone: &BillingZone, run: &SettleRun, claim: Option<&Claim>) -> Result<SettleOutcome> {
     let mut tx = db.begin().await?;
-    if !run.dry_run && !runs::claim(&mut tx, &run.job, run.at).await? {
-        tx.rollback().await?;
-        return Ok(SettleOutcome {
-            skipped: true,
-            ..Default::default()
-        });
-    }
     let mut hours = run.hours.clone();
     let dirty: Vec<i64> = if run.scheduled {
         tx.rows("SELECT hour_start FROM dirty_hours ORDER BY hour_start", vec![], &[Kind::Int])
@@ -112,15 +108,8 @@ pub async fn settle(db: &Db, zone: &BillingZone, run: &SettleRun) -> Result<Sett
             tx.exec("DELETE FROM dirty_hours WHERE hour_start = $1", vec![(*h).into()]).await?;
         }
     }
-    runs::finish(
-        &mut tx,
-        &run.job,
-        run.at,
-        out.lines.len(),
-        out.amount_due,
-        serde_json::json!({"hours": hours}),
-    )
-    .await?;
+    let claim = claim.ok_or_else(|| anyhow!("a settle run that posts must hold its claim"))?;
+    runs::finish(&mut tx, claim, out.lines.len(), out.amount_due, serde_json::json!({"hours": hours})).await?;
     tx.commit().await?;
     Ok(out)
 }

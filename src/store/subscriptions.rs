@@ -3,8 +3,9 @@
 //! (renew, unsubscribe, to-ppu). Each is one transaction.
 
 use super::db::{Db, Kind, Row, Tx};
+use super::ledger;
+use super::runs::{self, Claim};
 use super::world::{account_of, all_plans, notify_event, plan_of, record_arrears_events, save_accounts, Notice, ACCOUNT_KINDS};
-use super::{ledger, runs};
 use crate::billing::lifecycle::{
     alert_days, arrears_transitions, days_until, expiry_transitions, refund_at, renewal_due, ArrearsPeriod, PaidCycle, State,
 };
@@ -177,16 +178,10 @@ fn transition_kind(s: State) -> Option<&'static str> {
 }
 
 /// The daily job at `at` (00:03:00 local): renewal attempts, then lifecycle transitions, then
-/// expiry alerts, in one transaction claimed by its (job, instant) row.
-pub async fn daily_run(db: &Db, zone: &BillingZone, at: i64) -> Result<DailyOutcome> {
+/// expiry alerts, in one transaction that commits only while the caller holds the run's claim.
+pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<DailyOutcome> {
+    let at = claim.at;
     let mut tx = db.begin().await?;
-    if !runs::claim(&mut tx, DAILY_JOB, at).await? {
-        tx.rollback().await?;
-        return Ok(DailyOutcome {
-            skipped: true,
-            ..Default::default()
-        });
-    }
     let today = zone.local_date(at);
     let mut out = DailyOutcome::default();
     let plans = all_plans(&mut tx).await?;
@@ -370,7 +365,7 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, at: i64) -> Result<DailyOutc
     let detail =
         json!({"renewals": out.renewals, "renewal_failures": out.renewal_failures, "transitions": out.transitions, "alerts": out.alerts});
     let amount: Decimal = out.lines.iter().map(|l| l.amount_due).sum();
-    runs::finish(&mut tx, DAILY_JOB, at, out.lines.len(), amount, detail).await?;
+    runs::finish(&mut tx, claim, out.lines.len(), amount, detail).await?;
     tx.commit().await?;
     Ok(out)
 }

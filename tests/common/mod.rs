@@ -33,6 +33,7 @@ impl Backend {
             database_url: self.url.clone(),
             timezone: Some(BillingZone::parse(tz).unwrap()),
             settle: SettleSchedule::default(),
+            lease_seconds: billrun::config::DEFAULT_LEASE_SECONDS,
         };
         Billing::open(&cfg).await.unwrap_or_else(|e| panic!("{}: {e:#}", self.name))
     }
