@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 fn world(accounts: usize, resources: usize) -> String {
     let mut accs = Vec::new();
     for a in 0..accounts {
-        accs.push(format!(r#"{{"id": "acct{a:04}", "balance": "{}.00"}}"#, 10 + (a * 37) % 200));
+        accs.push(format!(r#"{{"id": "acct{a:04}", "balance": "{}.00"}}"#, 30 + (a * 37) % 200));
     }
     let mut res = Vec::new();
     for r in 0..resources {
@@ -33,7 +33,10 @@ fn world(accounts: usize, resources: usize) -> String {
 fn billrun(url: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_billrun"));
     // short leases: a killed runner's run is taken over after 3 s
-    c.arg("--database-url").arg(url).env("BILLRUN_LOG", "warn").env("BILLRUN_LEASE_SECONDS", "3");
+    c.arg("--database-url")
+        .arg(url)
+        .env("BILLRUN_LOG", "warn")
+        .env("BILLRUN_LEASE_SECONDS", "3");
     c
 }
 
@@ -125,4 +128,108 @@ async fn kill_9_mid_run_then_resume_equals_undisturbed() {
         assert!(interrupted > 0, "{name}: no trial hit the middle of the catch-up");
         eprintln!("{name}: {trials} kill -9 trials, {interrupted} interrupted mid-catch-up, all recovered to the same ledger");
     }
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    assert!(Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// SIGTERM in the middle of a catch-up: exit 0 after a whole run, nothing half-written; the next
+/// tick completes it to the undisturbed ledger.
+#[tokio::test]
+async fn sigterm_finishes_the_run_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("world.json");
+    std::fs::write(&doc, world(100, 1000)).unwrap();
+    let now = "2023-11-16T06:00:00Z";
+    for name in common::available() {
+        let calm = common::fresh(name).await;
+        assert!(billrun(&calm.url).arg("load").arg(&doc).status().unwrap().success());
+        let started = std::time::Instant::now();
+        assert!(billrun(&calm.url).args(["tick", "--now", now]).status().unwrap().success());
+        let duration = started.elapsed();
+        let expected = String::from_utf8(billrun(&calm.url).arg("export").output().unwrap().stdout).unwrap();
+        let be = common::fresh(name).await;
+        assert!(billrun(&be.url).arg("load").arg(&doc).status().unwrap().success());
+        let child = billrun(&be.url)
+            .args(["tick", "--now", now])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(duration / 2);
+        signal(&child, "-TERM");
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{name}: SIGTERM exits 0");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("stopped by a signal"),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let partial = String::from_utf8(billrun(&be.url).arg("export").output().unwrap().stdout).unwrap();
+        assert!(partial.len() < expected.len() && expected.starts_with(&partial[..partial.len().min(1000)]));
+        assert!(billrun(&be.url).args(["tick", "--now", now]).status().unwrap().success());
+        let got = String::from_utf8(billrun(&be.url).arg("export").output().unwrap().stdout).unwrap();
+        assert_eq!(got, expected, "{name}: the next start completes the run");
+    }
+}
+
+/// A replica paused (SIGSTOP) past its lease is taken over; once resumed it writes nothing.
+#[tokio::test]
+async fn a_paused_replica_is_taken_over_and_writes_nothing() {
+    if common::pg_url().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("world.json");
+    std::fs::write(&doc, world(200, 4000)).unwrap();
+    let now = "2023-11-15T08:00:00Z";
+    let calm = common::fresh("postgres").await;
+    assert!(billrun(&calm.url).arg("load").arg(&doc).status().unwrap().success());
+    let started = std::time::Instant::now();
+    assert!(billrun(&calm.url).args(["tick", "--now", now]).status().unwrap().success());
+    let duration = started.elapsed();
+    let expected = String::from_utf8(billrun(&calm.url).arg("export").output().unwrap().stdout).unwrap();
+
+    let be = common::fresh("postgres").await;
+    assert!(billrun(&be.url).arg("load").arg(&doc).status().unwrap().success());
+    let paused = billrun(&be.url)
+        .args(["tick", "--now", now])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(duration / 2);
+    signal(&paused, "-STOP");
+    // another replica waits out the 3 s lease, takes the run over and finishes the catch-up
+    let other = billrun(&be.url).args(["tick", "--now", now]).output().unwrap();
+    assert!(other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
+    let after_takeover = String::from_utf8(billrun(&be.url).arg("export").output().unwrap().stdout).unwrap();
+    assert_eq!(after_takeover, expected);
+    signal(&paused, "-CONT");
+    let out = paused.wait_with_output().unwrap();
+    // the paused replica's transaction was ended by the server or refused at commit: it failed or
+    // found the work done, and wrote nothing either way
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() || stderr.contains("error"), "{stderr}");
+    let finally = String::from_utf8(billrun(&be.url).arg("export").output().unwrap().stdout).unwrap();
+    assert_eq!(finally, expected, "nothing written by the paused replica");
+    let db = billrun::store::db::Db::connect(&be.url).await.unwrap();
+    let attempts = db
+        .rows("SELECT MAX(attempt) FROM job_runs", vec![], &[billrun::store::db::Kind::Int])
+        .await
+        .unwrap()[0]
+        .int(0);
+    db.close().await;
+    assert!(attempts >= 2, "a run was taken over from the paused replica");
+    eprintln!(
+        "paused replica: exit {:?}; {}",
+        out.status.code(),
+        stderr.lines().last().unwrap_or("")
+    );
+    let status: serde_json::Value = serde_json::from_slice(&billrun(&be.url).args(["status", "--json"]).output().unwrap().stdout).unwrap();
+    assert!(status["jobs"].as_array().unwrap().iter().all(|j| j["failures"] == 0), "{status}");
 }
