@@ -27,6 +27,8 @@ pub struct Billing {
     pub settle: SettleSchedule,
     /// How long a claim on a run lasts without renewal.
     pub lease_seconds: i64,
+    /// Where notifications are delivered.
+    pub sinks: crate::delivery::Sinks,
 }
 
 impl Billing {
@@ -39,6 +41,7 @@ impl Billing {
             zone,
             settle: cfg.settle,
             lease_seconds: cfg.lease_seconds,
+            sinks: cfg.sinks.clone(),
         })
     }
 
@@ -92,6 +95,9 @@ impl Billing {
             }
         }
         total.interrupted = crate::shutdown::requested();
+        let delivered = crate::delivery::deliver_pending(&self.db, &self.zone, &self.sinks).await?;
+        total.delivered = delivered.delivered;
+        total.delivery_failures = delivered.failed;
         self.db
             .exec(
                 "INSERT INTO meta (key, value) VALUES ('last_tick_now', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -372,6 +378,8 @@ pub struct CatchUp {
     pub waited: usize,
     /// Stopped early by SIGTERM/SIGINT (after a whole run).
     pub interrupted: bool,
+    pub delivered: usize,
+    pub delivery_failures: usize,
 }
 
 impl CatchUp {

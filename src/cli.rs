@@ -28,6 +28,18 @@ pub struct Cli {
     /// Seconds a claim on a job run lasts without renewal; a dead runner's run is taken over after it
     #[arg(long, env = "BILLRUN_LEASE_SECONDS", global = true)]
     pub lease_seconds: Option<i64>,
+    /// Deliver notifications by HTTP POST to this URL (signed with --webhook-secret)
+    #[arg(long, env = "BILLRUN_WEBHOOK_URL", global = true)]
+    pub webhook_url: Option<String>,
+    /// HMAC-SHA256 key for the X-Billrun-Signature header of webhook deliveries
+    #[arg(long, env = "BILLRUN_WEBHOOK_SECRET", global = true, hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Append delivered notifications to this JSON-lines file
+    #[arg(long, env = "BILLRUN_NOTIFICATIONS_FILE", global = true)]
+    pub notifications_file: Option<PathBuf>,
+    /// Serve /healthz and /metrics (`PORT` binds 127.0.0.1; `HOST:PORT` to choose)
+    #[arg(long, env = "BILLRUN_METRICS_ADDR", global = true)]
+    pub metrics_addr: Option<String>,
     /// Log format on stderr
     #[arg(long, global = true, value_parser = ["human", "json"], default_value = "human")]
     pub log_format: String,
@@ -144,12 +156,16 @@ pub async fn run(cli: Cli) -> Result<()> {
     if let Command::Demo { dir } = &cli.command {
         return crate::demo::run(dir).await;
     }
-    let cfg = Config::resolve(
-        cli.database_url.clone(),
-        cli.timezone.clone(),
-        cli.lease_seconds,
-        cli.config.as_deref(),
-    )?;
+    let flags = crate::config::Flags {
+        database_url: cli.database_url.clone(),
+        timezone: cli.timezone.clone(),
+        lease_seconds: cli.lease_seconds,
+        webhook_url: cli.webhook_url.clone(),
+        webhook_secret: cli.webhook_secret.clone(),
+        notifications_file: cli.notifications_file.clone(),
+        metrics_addr: cli.metrics_addr.clone(),
+    };
+    let cfg = Config::resolve(flags, cli.config.as_deref())?;
     if let Command::Migrate = cli.command {
         let db = crate::store::db::Db::connect(&cfg.database_url).await?;
         let v = schema::migrate(&db).await?;
@@ -188,7 +204,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 if total.skipped > 0 { format!(", {} runs already done by another runner", total.skipped) } else { String::new() }
             );
         }
-        Command::Run { poll_seconds } => crate::daemon::run(&b, poll_seconds).await?,
+        Command::Run { poll_seconds } => crate::daemon::run(&b, poll_seconds, cfg.metrics_addr).await?,
         Command::Settle { hour, at, dry_run } => {
             let hour = cli_instant("--hour", &hour)?;
             let at = at_or_now("--at", &at)?;

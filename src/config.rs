@@ -1,13 +1,16 @@
 //! Configuration: flags over `BILLRUN_*` environment over the `--config` TOML file over defaults.
 
 use crate::billing::zone::BillingZone;
+use crate::delivery::Sinks;
 use crate::error::InputError;
 use crate::jobs::settle::SettleSchedule;
 use anyhow::{Context, Result};
 use serde::Deserialize;
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://billrun.db";
+pub const DEFAULT_LEASE_SECONDS: i64 = 60;
 
 /// The `--config` file. Every key is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -19,6 +22,24 @@ pub struct FileConfig {
     pub settlement_delay_seconds: Option<i64>,
     /// How long a claim on a run lasts without renewal (default 60).
     pub lease_seconds: Option<i64>,
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<String>,
+    pub notifications_file: Option<PathBuf>,
+    /// First delivery retry after this many milliseconds, doubling (default 1000).
+    pub webhook_backoff_ms: Option<i64>,
+    pub metrics_addr: Option<String>,
+}
+
+/// What the command line (and with it the environment) set.
+#[derive(Clone, Debug, Default)]
+pub struct Flags {
+    pub database_url: Option<String>,
+    pub timezone: Option<String>,
+    pub lease_seconds: Option<i64>,
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<String>,
+    pub notifications_file: Option<PathBuf>,
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -28,13 +49,28 @@ pub struct Config {
     pub timezone: Option<BillingZone>,
     pub settle: SettleSchedule,
     pub lease_seconds: i64,
+    pub sinks: Sinks,
+    pub metrics_addr: Option<SocketAddr>,
 }
 
-pub const DEFAULT_LEASE_SECONDS: i64 = 60;
-
 impl Config {
-    /// Combines the sources; `flag_*` already include the environment (clap reads `BILLRUN_*`).
-    pub fn resolve(flag_url: Option<String>, flag_tz: Option<String>, flag_lease: Option<i64>, file: Option<&Path>) -> Result<Config> {
+    /// The embedded defaults for a database URL (demo, tests).
+    pub fn for_url(url: &str) -> Config {
+        Config {
+            database_url: url.to_string(),
+            timezone: None,
+            settle: SettleSchedule::default(),
+            lease_seconds: DEFAULT_LEASE_SECONDS,
+            sinks: Sinks {
+                backoff_ms: 1000,
+                ..Default::default()
+            },
+            metrics_addr: None,
+        }
+    }
+
+    /// Combines the sources.
+    pub fn resolve(flags: Flags, file: Option<&Path>) -> Result<Config> {
         let file: FileConfig = match file {
             None => FileConfig::default(),
             Some(p) => {
@@ -42,7 +78,8 @@ impl Config {
                 toml::from_str(&text).map_err(|e| InputError(format!("--config {}: {e}", p.display())))?
             }
         };
-        let timezone = flag_tz
+        let timezone = flags
+            .timezone
             .or(file.timezone)
             .map(|s| BillingZone::parse(&s).map_err(|e| InputError(format!("--timezone: {e}"))))
             .transpose()?;
@@ -50,15 +87,48 @@ impl Config {
         if !(0..=7 * 86400).contains(&delay) {
             return Err(InputError(format!("--config: settlement_delay_seconds {delay} is not between 0 and 604800")).into());
         }
-        let lease_seconds = flag_lease.or(file.lease_seconds).unwrap_or(DEFAULT_LEASE_SECONDS);
+        let lease_seconds = flags.lease_seconds.or(file.lease_seconds).unwrap_or(DEFAULT_LEASE_SECONDS);
         if !(2..=3600).contains(&lease_seconds) {
             return Err(InputError(format!("--lease-seconds: {lease_seconds} is not between 2 and 3600")).into());
         }
+        let sinks = Sinks {
+            webhook_url: flags.webhook_url.or(file.webhook_url),
+            webhook_secret: flags.webhook_secret.or(file.webhook_secret),
+            file: flags.notifications_file.or(file.notifications_file),
+            backoff_ms: file.webhook_backoff_ms.unwrap_or(1000),
+        };
+        if let Some(url) = &sinks.webhook_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(InputError(format!("--webhook-url: `{url}` is not an http(s) URL")).into());
+            }
+            if sinks.webhook_secret.as_deref().unwrap_or("").is_empty() {
+                return Err(
+                    InputError("--webhook-secret: deliveries are signed; set BILLRUN_WEBHOOK_SECRET (or webhook_secret)".into()).into(),
+                );
+            }
+        }
+        if !(1..=3_600_000).contains(&sinks.backoff_ms) {
+            return Err(InputError(format!(
+                "--config: webhook_backoff_ms {} is not between 1 and 3600000",
+                sinks.backoff_ms
+            ))
+            .into());
+        }
+        let metrics_addr = flags
+            .metrics_addr
+            .or(file.metrics_addr)
+            .map(|s| crate::observe::parse_addr(&s).map_err(InputError))
+            .transpose()?;
         Ok(Config {
-            database_url: flag_url.or(file.database_url).unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string()),
+            database_url: flags
+                .database_url
+                .or(file.database_url)
+                .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string()),
             timezone,
             settle: SettleSchedule { delay },
             lease_seconds,
+            sinks,
+            metrics_addr,
         })
     }
 }

@@ -25,8 +25,19 @@ pub fn log_run(b: &Billing, at: i64, run: &JobRun) {
     }
 }
 
-pub async fn run(b: &Billing, poll_seconds: u64) -> Result<()> {
+pub async fn run(b: &Billing, poll_seconds: u64, metrics_addr: Option<std::net::SocketAddr>) -> Result<()> {
     crate::shutdown::install();
+    if let Some(addr) = metrics_addr {
+        let handle = crate::observe::install_recorder()?;
+        let (db, zone) = (b.db.clone(), b.zone);
+        // bind before serving, so a taken port fails the start instead of a background task
+        let server = crate::observe::serve(addr, db, zone, handle);
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %format!("{e:#}"), "metrics endpoint stopped");
+            }
+        });
+    }
     tracing::info!(zone = %b.zone, owner = crate::store::runs::owner_id(), "billrun daemon started");
     while !crate::shutdown::requested() {
         let now = clock::wall_now();
@@ -40,6 +51,11 @@ pub async fn run(b: &Billing, poll_seconds: u64) -> Result<()> {
                 1
             }
             Ok(Step::Idle) => {
+                match crate::delivery::deliver_pending(&b.db, &b.zone, &b.sinks).await {
+                    Ok(r) if r.delivered + r.failed > 0 => tracing::info!(delivered = r.delivered, failed = r.failed, "notifications"),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "notification delivery"),
+                }
                 let next = jobs::next_due(&b.db, &b.zone, &b.settle).await.ok().flatten().map(|(_, t)| t);
                 next.map(|t| (t - clock::wall_now()).clamp(1, poll_seconds as i64) as u64)
                     .unwrap_or(poll_seconds)

@@ -7,7 +7,6 @@ use crate::app::Billing;
 use crate::billing::money::{fmt_amount, fmt_cents};
 use crate::billing::zone::parse_instant;
 use crate::config::Config;
-use crate::jobs::settle::SettleSchedule;
 use crate::jobs::JobRun;
 use crate::store::ledger::ExportFilter;
 use anyhow::{Context, Result};
@@ -28,12 +27,7 @@ pub async fn run(dir: &Path) -> Result<()> {
             std::fs::remove_file(&p).with_context(|| format!("removing the previous demo database {p}"))?;
         }
     }
-    let cfg = Config {
-        database_url: format!("sqlite://{}", db_path.display()),
-        timezone: None,
-        settle: SettleSchedule::default(),
-        lease_seconds: crate::config::DEFAULT_LEASE_SECONDS,
-    };
+    let cfg = Config::for_url(&format!("sqlite://{}", db_path.display()));
     let b = Billing::open(&cfg).await?;
     let s = b.load_json("fixtures/demo.json", DEMO_FIXTURE).await?;
     println!("billrun demo — database {} (time zone {})", db_path.display(), b.zone);

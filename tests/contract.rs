@@ -504,10 +504,8 @@ async fn a_zone_other_than_the_stored_one_is_refused() {
         let b = be.open("Asia/Shanghai").await;
         b.db.close().await;
         let cfg = billrun::config::Config {
-            database_url: be.url.clone(),
             timezone: Some(billrun::billing::zone::BillingZone::parse("UTC").unwrap()),
-            settle: Default::default(),
-            lease_seconds: 60,
+            ..billrun::config::Config::for_url(&be.url)
         };
         let err = billrun::app::Billing::open(&cfg).await.err().expect("refused");
         assert_eq!(exit_code(&err), 2);

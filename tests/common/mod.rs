@@ -5,7 +5,6 @@
 use billrun::app::Billing;
 use billrun::billing::zone::{parse_instant, BillingZone};
 use billrun::config::Config;
-use billrun::jobs::settle::SettleSchedule;
 use billrun::store::ledger::ExportFilter;
 use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -30,10 +29,8 @@ pub struct Backend {
 impl Backend {
     pub async fn open(&self, tz: &str) -> Billing {
         let cfg = Config {
-            database_url: self.url.clone(),
             timezone: Some(BillingZone::parse(tz).unwrap()),
-            settle: SettleSchedule::default(),
-            lease_seconds: billrun::config::DEFAULT_LEASE_SECONDS,
+            ..Config::for_url(&self.url)
         };
         Billing::open(&cfg).await.unwrap_or_else(|e| panic!("{}: {e:#}", self.name))
     }
