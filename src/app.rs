@@ -98,13 +98,19 @@ impl Billing {
         let delivered = crate::delivery::deliver_pending(&self.db, &self.zone, &self.sinks).await?;
         total.delivered = delivered.delivered;
         total.delivery_failures = delivered.failed;
+        self.record_caught_up_to(now).await?;
+        Ok(total)
+    }
+
+    /// Remembers the instant the jobs were caught up to: what `status` describes.
+    pub async fn record_caught_up_to(&self, now: i64) -> Result<()> {
         self.db
             .exec(
                 "INSERT INTO meta (key, value) VALUES ('last_tick_now', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 vec![now.to_string().into()],
             )
             .await?;
-        Ok(total)
+        Ok(())
     }
 
     /// One-off (re)settlement of the hour starting at `hour`, posted at `at`.

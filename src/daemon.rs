@@ -51,6 +51,9 @@ pub async fn run(b: &Billing, poll_seconds: u64, metrics_addr: Option<std::net::
                 1
             }
             Ok(Step::Idle) => {
+                if let Err(e) = b.record_caught_up_to(now).await {
+                    tracing::warn!(error = %format!("{e:#}"), "could not record progress");
+                }
                 match crate::delivery::deliver_pending(&b.db, &b.zone, &b.sinks).await {
                     Ok(r) if r.delivered + r.failed > 0 => tracing::info!(delivered = r.delivered, failed = r.failed, "notifications"),
                     Ok(_) => {}
