@@ -45,10 +45,7 @@ pub struct DeliveryReport {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    crate::clock::wall_now_ms()
 }
 
 /// Sends every pending notification that is due, oldest first.

@@ -8,11 +8,15 @@ pub fn claims_taken_over() {
     metrics::counter!("billrun_claims_taken_over_total").increment(1);
 }
 
-pub fn run_finished(job: &'static str, outcome: &'static str, seconds: f64, lines: usize, amount_due: Decimal) {
+/// A run ended: its outcome and how long it took.
+pub fn run_finished(job: &'static str, outcome: &'static str, duration: std::time::Duration) {
     metrics::counter!("billrun_runs_total", "job" => job, "outcome" => outcome).increment(1);
-    metrics::histogram!("billrun_run_duration_seconds", "job" => job).record(seconds);
+    metrics::histogram!("billrun_run_duration_seconds", "job" => job).record(duration.as_secs_f64());
+}
+
+/// What a run posted: lines and the amount due, in cents.
+pub fn posted(job: &'static str, lines: usize, amount_due: Decimal) {
     metrics::counter!("billrun_lines_posted_total", "job" => job).increment(lines as u64);
-    // amounts as a gauge of the last run and a running total, in the currency's major unit
     metrics::counter!("billrun_amount_due_cents_total", "job" => job)
         .increment((amount_due * Decimal::from(100)).trunc().to_u64().unwrap_or(0));
 }

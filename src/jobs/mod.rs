@@ -121,18 +121,19 @@ pub async fn step(db: &Db, zone: &BillingZone, sched: &settle::SettleSchedule, l
         None => daily_run(db, zone, &claim).await.map(JobRun::Daily),
     };
     drop(keeper);
-    let seconds = started.elapsed().as_secs_f64();
+    let duration = started.elapsed();
     match result {
         Ok(run) => {
             let (lines, amount) = match &run {
                 JobRun::Settle(o) => (o.lines.len(), o.amount_due),
                 JobRun::Daily(o) => (o.lines.len(), o.lines.iter().map(|l| l.amount_due).sum()),
             };
-            crate::metrics::run_finished(job, "ok", seconds, lines, amount);
+            crate::metrics::run_finished(job, "ok", duration);
+            crate::metrics::posted(job, lines, amount);
             Ok(Step::Ran(at, run))
         }
         Err(e) => {
-            crate::metrics::run_finished(job, "failed", seconds, 0, Default::default());
+            crate::metrics::run_finished(job, "failed", duration);
             if let Err(release_error) = runs::release(db, &claim).await {
                 tracing::warn!(error = %format!("{release_error:#}"), "could not release the claim of a failed run");
             }

@@ -4,35 +4,17 @@ use super::db::{Db, Kind, Row, Tx, Val};
 use crate::billing::model::{BillingMode, LedgerLine, TransactionType};
 use anyhow::{Context, Result};
 
-pub(crate) const LINE_COLUMNS: &[&str] = &[
-    "transaction_id",
-    "transaction_time",
-    "account_id",
-    "resource_id",
-    "product",
-    "plan_id",
-    "billing_mode",
-    "transaction_type",
-    "billing_item",
-    "period_start",
-    "period_end",
-    "usage_seconds",
-    "quantity",
-    "unit_price",
-    "list_amount",
-    "truncated_amount",
-    "amount_due",
-    "paid_amount",
-    "arrears_amount",
-    "balance_after",
-    "currency",
-    "hour_start",
-    "line_key",
-    "revision",
-    "run_job",
-    "run_at",
-    "explain",
-];
+/// The ledger's columns: the CSV's, then what a line keeps for re-settlement and `explain`.
+fn line_columns() -> &'static [&'static str] {
+    static COLUMNS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    COLUMNS.get_or_init(|| {
+        crate::export::COLUMNS
+            .iter()
+            .copied()
+            .chain(["hour_start", "line_key", "revision", "run_job", "run_at", "explain"])
+            .collect()
+    })
+}
 
 const SELECT_LINE: &str = "SELECT transaction_id, transaction_time, account_id, resource_id, product, plan_id, billing_mode, \
     transaction_type, billing_item, period_start, period_end, usage_seconds, quantity, unit_price, list_amount, \
@@ -137,7 +119,7 @@ fn line_of(r: &Row) -> Result<LedgerLine> {
 /// whole transaction instead of charging twice.
 pub(crate) async fn post_lines(tx: &mut Tx, lines: &[LedgerLine]) -> Result<u64> {
     let rows = lines.iter().map(line_row).collect();
-    tx.insert_rows("ledger", LINE_COLUMNS, rows, "").await
+    tx.insert_rows("ledger", line_columns(), rows, "").await
 }
 
 /// Lines already posted for the billing hour, in posting order.

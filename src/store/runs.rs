@@ -19,10 +19,7 @@ pub fn owner_id() -> &'static str {
             .ok()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "host".to_string());
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+        let nanos = clock::start_nonce();
         format!("{host}-{}-{nanos:x}", std::process::id())
     })
 }
