@@ -552,7 +552,8 @@ fn explain_text(b: &Billing, l: &LedgerLine, inputs: &serde_json::Value) -> Stri
 }
 
 fn explain_json(b: &Billing, l: &LedgerLine, inputs: serde_json::Value) -> serde_json::Value {
-    let record = crate::export::record(&b.zone, l);
+    // the CSV's fields, without the spreadsheet guard: JSON is not opened by a spreadsheet
+    let record = crate::export::fields(&b.zone, l, |s| s.to_string());
     let line: serde_json::Map<String, serde_json::Value> = crate::export::COLUMNS
         .iter()
         .zip(record.iter())

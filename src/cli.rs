@@ -173,6 +173,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         println!("schema at version {v}");
         return Ok(());
     }
+    if matches!(cli.command, Command::Tick { .. } | Command::Run { .. }) {
+        // before anything else, so a signal during start-up is also a graceful stop
+        crate::shutdown::install();
+    }
     let b = Billing::open(&cfg).await?;
     match cli.command {
         Command::Demo { .. } | Command::Migrate => unreachable!("handled above"),
@@ -185,7 +189,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Tick { now } => {
             let now = at_or_now("--now", &now)?;
-            crate::shutdown::install();
             let total = b.tick(now, |at, run| crate::daemon::log_run(&b, at, run)).await?;
             if total.interrupted {
                 println!("stopped by a signal after a whole run; the next tick goes on from there");

@@ -26,7 +26,6 @@ pub fn log_run(b: &Billing, at: i64, run: &JobRun) {
 }
 
 pub async fn run(b: &Billing, poll_seconds: u64, metrics_addr: Option<std::net::SocketAddr>) -> Result<()> {
-    crate::shutdown::install();
     if let Some(addr) = metrics_addr {
         let handle = crate::observe::install_recorder()?;
         let (db, zone) = (b.db.clone(), b.zone);

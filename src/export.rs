@@ -44,18 +44,23 @@ pub fn text_cell(s: &str) -> String {
 /// The CSV record of one line. Amounts that move a balance have two decimals; list and truncated
 /// amounts as many as they need (up to 8); prices and quantities as given.
 pub fn record(zone: &BillingZone, l: &LedgerLine) -> [String; 21] {
+    fields(zone, l, text_cell)
+}
+
+/// The 21 fields of a line in CSV column order, text cells passed through `text`.
+pub fn fields(zone: &BillingZone, l: &LedgerLine, text: fn(&str) -> String) -> [String; 21] {
     let metered = matches!(l.transaction_type, TransactionType::Usage | TransactionType::Adjustment);
     [
-        text_cell(&l.transaction_id),
+        text(&l.transaction_id),
         zone.format(l.transaction_time),
-        text_cell(&l.account_id),
-        text_cell(&l.resource_id),
-        text_cell(&l.product),
-        text_cell(&l.plan_id),
+        text(&l.account_id),
+        text(&l.resource_id),
+        text(&l.product),
+        text(&l.plan_id),
         l.billing_mode.as_str().to_string(),
         l.transaction_type.as_str().to_string(),
         if metered {
-            text_cell(l.billing_item.as_deref().unwrap_or(""))
+            text(l.billing_item.as_deref().unwrap_or(""))
         } else {
             String::new()
         },
@@ -74,7 +79,7 @@ pub fn record(zone: &BillingZone, l: &LedgerLine) -> [String; 21] {
         fmt_cents(l.paid_amount),
         fmt_cents(l.arrears_amount),
         fmt_cents(l.balance_after),
-        text_cell(&l.currency),
+        text(&l.currency),
     ]
 }
 

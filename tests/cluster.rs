@@ -130,6 +130,22 @@ async fn kill_9_mid_run_then_resume_equals_undisturbed() {
     }
 }
 
+/// Rows of job_runs in the given outcome.
+async fn runs_in(url: &str, outcome: &str) -> i64 {
+    let db = billrun::store::db::Db::connect(url).await.unwrap();
+    let n = db
+        .rows(
+            sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM job_runs WHERE outcome = '{outcome}'")),
+            vec![],
+            &[billrun::store::db::Kind::Int],
+        )
+        .await
+        .map(|r| r[0].int(0))
+        .unwrap_or(0);
+    db.close().await;
+    n
+}
+
 fn signal(child: &std::process::Child, sig: &str) {
     assert!(Command::new("kill")
         .args([sig, &child.id().to_string()])
@@ -160,7 +176,11 @@ async fn sigterm_finishes_the_run_and_exits_0() {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(duration / 2);
+        // signal once the catch-up is under way (a few runs done), not during start-up
+        let deadline = std::time::Instant::now() + duration * 20;
+        while runs_in(&be.url, "ok").await < 3 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         signal(&child, "-TERM");
         let out = child.wait_with_output().unwrap();
         assert_eq!(out.status.code(), Some(0), "{name}: SIGTERM exits 0");
@@ -202,8 +222,19 @@ async fn a_paused_replica_is_taken_over_and_writes_nothing() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(duration / 2);
-    signal(&paused, "-STOP");
+    // stop it while it holds a claim: poll for a running row, stop, and check it is still there
+    let deadline = std::time::Instant::now() + duration * 20;
+    loop {
+        assert!(std::time::Instant::now() < deadline, "the replica never held a run");
+        if runs_in(&be.url, "running").await > 0 {
+            signal(&paused, "-STOP");
+            if runs_in(&be.url, "running").await > 0 {
+                break;
+            }
+            signal(&paused, "-CONT");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     // another replica waits out the 3 s lease, takes the run over and finishes the catch-up
     let other = billrun(&be.url).args(["tick", "--now", now]).output().unwrap();
     assert!(other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
