@@ -93,7 +93,8 @@ pub async fn run(dir: &Path) -> Result<()> {
     for n in b.notifications(None).await? {
         let mut extra = String::new();
         if let Some(d) = n["days_before"].as_i64() {
-            extra = format!(" ({d} days before {})", n["expires_on"].as_str().unwrap_or(""));
+            let unit = if d == 1 { "day" } else { "days" };
+            extra = format!(" ({d} {unit} before {})", n["expires_on"].as_str().unwrap_or(""));
         } else if let Some(e) = n["expires_on"].as_str() {
             extra = format!(" (expires on {e})");
         }
