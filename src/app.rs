@@ -1,7 +1,7 @@
 //! What each command does, as library functions over an open database: the CLI and the tests call
 //! these, so the tests drive exactly what an operator runs.
 
-use crate::billing::lifecycle::{arrears_transitions, expiry_transitions, state_at, State};
+use crate::billing::lifecycle::{expiry_transitions, resource_arrears_transitions, state_at, State};
 use crate::billing::model::LedgerLine;
 use crate::billing::money::{fmt_amount, fmt_cents};
 use crate::billing::zone::{parse_instant, BillingZone};
@@ -292,23 +292,18 @@ impl Billing {
             let (grace, retention) = accounts.get(&account_id).copied().unwrap_or((15, 15));
             let expires_on = r.opt_text(5);
             let ppu_from = r.opt_int(6).filter(|p| *p <= t);
-            let arrears_state = |start: i64| {
-                let trs = arrears_transitions(
-                    &self.zone,
-                    periods.get(&account_id).map(|v| v.as_slice()).unwrap_or(&[]),
-                    grace,
-                    retention,
-                );
-                let trs: Vec<_> = trs.into_iter().filter(|tr| tr.at >= start).collect();
-                state_at(&trs, t)
-            };
             let state = if r.opt_int(8).is_some_and(|x| x <= t) {
                 State::Released
             } else if mode == "pay_per_use" || ppu_from.is_some() {
                 if r.opt_int(4).is_some_and(|d| d <= t) {
                     State::Deleted
                 } else {
-                    arrears_state(ppu_from.unwrap_or(r.int(3)).max(r.int(3)))
+                    let periods = periods.get(&account_id).map(|v| v.as_slice()).unwrap_or(&[]);
+                    let start = ppu_from.unwrap_or(r.int(3)).max(r.int(3));
+                    state_at(
+                        &resource_arrears_transitions(&self.zone, periods, grace, retention, start, i64::MAX),
+                        t,
+                    )
                 }
             } else {
                 let date = chrono::NaiveDate::parse_from_str(expires_on.as_deref().unwrap_or_default(), "%Y-%m-%d")
@@ -360,8 +355,9 @@ impl Billing {
         Ok(rows
             .iter()
             .map(|r| {
-                json!({"kind": r.text(0), "account_id": r.text(1), "resource_id": r.opt_text(2), "at": self.fmt(r.int(3)),
-                       "days_before": r.opt_int(4), "expires_on": r.opt_text(5), "reason": r.opt_text(6), "delivery": r.text(7)})
+                let mut j = crate::delivery::notification_json(&self.zone, r, 0);
+                j["delivery"] = json!(r.text(7));
+                j
             })
             .collect())
     }

@@ -6,7 +6,7 @@
 //! process dies between sending and marking, and then with the same event id.
 
 use crate::billing::zone::BillingZone;
-use crate::store::db::{Db, Kind};
+use crate::store::db::{Db, Kind, Row};
 use anyhow::{Context, Result};
 use hmac::{KeyInit, Mac};
 use serde_json::json;
@@ -28,6 +28,16 @@ impl Sinks {
     pub fn any(&self) -> bool {
         self.webhook_url.is_some() || self.file.is_some()
     }
+}
+
+/// A notification as scripts and receivers see it (`notifications --json`, webhook bodies), from a
+/// row holding kind, account_id, resource_id, at, days_before, expires_on, reason from column `first`.
+pub fn notification_json(zone: &BillingZone, r: &Row, first: usize) -> serde_json::Value {
+    json!({
+        "kind": r.text(first), "account_id": r.text(first + 1), "resource_id": r.opt_text(first + 2),
+        "at": zone.format(r.int(first + 3)), "days_before": r.opt_int(first + 4), "expires_on": r.opt_text(first + 5),
+        "reason": r.opt_text(first + 6),
+    })
 }
 
 /// `sha256=<hex>` of the body under the secret.
@@ -95,10 +105,8 @@ pub async fn deliver_pending(db: &Db, zone: &BillingZone, sinks: &Sinks) -> Resu
                 continue;
             }
             let event_id = crate::billing::settle::transaction_id(&r.text(1), 0).replacen("tx_", "ev_", 1);
-            let payload = json!({
-                "event_id": event_id, "kind": r.text(2), "account_id": r.text(3), "resource_id": r.opt_text(4),
-                "at": zone.format(r.int(5)), "days_before": r.opt_int(6), "expires_on": r.opt_text(7), "reason": r.opt_text(8),
-            });
+            let mut payload = notification_json(zone, &r, 2);
+            payload["event_id"] = json!(event_id);
             let body = serde_json::to_vec(&payload)?;
             match send(&client, sinks, &event_id, &body).await {
                 Ok(()) => {

@@ -79,6 +79,18 @@ async fn three_processes_equal_one() {
     assert!(skipped_somewhere, "the replicas did share the work");
 }
 
+/// The reference: a fresh database that loads `doc` and ticks to `now` undisturbed. Returns it, its
+/// CSV and how long the tick took.
+async fn undisturbed(name: &str, doc: &std::path::Path, now: &str) -> (common::Backend, String, std::time::Duration) {
+    let calm = common::fresh(name).await;
+    assert!(billrun(&calm.url).arg("load").arg(doc).status().unwrap().success());
+    let started = std::time::Instant::now();
+    assert!(billrun(&calm.url).args(["tick", "--now", now]).status().unwrap().success());
+    let duration = started.elapsed();
+    let expected = String::from_utf8(billrun(&calm.url).arg("export").output().unwrap().stdout).unwrap();
+    (calm, expected, duration)
+}
+
 fn settle_runs(url: &str) -> i64 {
     let out = billrun(url).args(["status", "--json"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -101,12 +113,7 @@ async fn kill_9_mid_run_then_resume_equals_undisturbed() {
     let now = "2023-11-16T06:00:00Z";
     let trials: u32 = std::env::var("BILLRUN_KILL_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     for name in common::available() {
-        let calm = common::fresh(name).await;
-        assert!(billrun(&calm.url).arg("load").arg(&doc).status().unwrap().success());
-        let started = std::time::Instant::now();
-        assert!(billrun(&calm.url).args(["tick", "--now", now]).status().unwrap().success());
-        let duration = started.elapsed();
-        let expected = String::from_utf8(billrun(&calm.url).arg("export").output().unwrap().stdout).unwrap();
+        let (calm, expected, duration) = undisturbed(name, &doc, now).await;
         let total_runs = settle_runs(&calm.url);
         let mut interrupted = 0;
         for trial in 0..trials {
@@ -163,12 +170,7 @@ async fn sigterm_finishes_the_run_and_exits_0() {
     std::fs::write(&doc, world(100, 1000)).unwrap();
     let now = "2023-11-16T06:00:00Z";
     for name in common::available() {
-        let calm = common::fresh(name).await;
-        assert!(billrun(&calm.url).arg("load").arg(&doc).status().unwrap().success());
-        let started = std::time::Instant::now();
-        assert!(billrun(&calm.url).args(["tick", "--now", now]).status().unwrap().success());
-        let duration = started.elapsed();
-        let expected = String::from_utf8(billrun(&calm.url).arg("export").output().unwrap().stdout).unwrap();
+        let (_calm, expected, duration) = undisturbed(name, &doc, now).await;
         let be = common::fresh(name).await;
         assert!(billrun(&be.url).arg("load").arg(&doc).status().unwrap().success());
         let child = billrun(&be.url)
@@ -207,12 +209,7 @@ async fn a_paused_replica_is_taken_over_and_writes_nothing() {
     let doc = dir.path().join("world.json");
     std::fs::write(&doc, world(200, 4000)).unwrap();
     let now = "2023-11-15T08:00:00Z";
-    let calm = common::fresh("postgres").await;
-    assert!(billrun(&calm.url).arg("load").arg(&doc).status().unwrap().success());
-    let started = std::time::Instant::now();
-    assert!(billrun(&calm.url).args(["tick", "--now", now]).status().unwrap().success());
-    let duration = started.elapsed();
-    let expected = String::from_utf8(billrun(&calm.url).arg("export").output().unwrap().stdout).unwrap();
+    let (_calm, expected, duration) = undisturbed("postgres", &doc, now).await;
 
     let be = common::fresh("postgres").await;
     assert!(billrun(&be.url).arg("load").arg(&doc).status().unwrap().success());

@@ -163,6 +163,22 @@ pub fn arrears_transitions(zone: &BillingZone, periods: &[ArrearsPeriod], grace_
     out
 }
 
+/// The arrears transitions of one pay-per-use resource that exists over [start, end): those of its
+/// account that fall within its life.
+pub fn resource_arrears_transitions(
+    zone: &BillingZone,
+    periods: &[ArrearsPeriod],
+    grace_days: i64,
+    retention_days: i64,
+    start: i64,
+    end: i64,
+) -> Vec<Transition> {
+    arrears_transitions(zone, periods, grace_days, retention_days)
+        .into_iter()
+        .filter(|t| t.at >= start && t.at < end)
+        .collect()
+}
+
 /// Windows in which transitions say the resource must not be billed (frozen or released).
 pub fn unbillable_windows(transitions: &[Transition]) -> Vec<(i64, Option<i64>)> {
     let mut out = Vec::new();

@@ -7,7 +7,7 @@ use super::ledger;
 use super::runs::{self, Claim};
 use super::world::{account_of, all_plans, notify_event, plan_of, record_arrears_events, save_accounts, Notice, ACCOUNT_KINDS};
 use crate::billing::lifecycle::{
-    alert_days, arrears_transitions, days_until, expiry_transitions, refund_at, renewal_due, ArrearsPeriod, PaidCycle, State,
+    alert_days, days_until, expiry_transitions, refund_at, renewal_due, resource_arrears_transitions, ArrearsPeriod, PaidCycle, State,
 };
 use crate::billing::model::{BillingMode, LedgerLine, Plan, TransactionType};
 use crate::billing::money::{fmt_cents, fmt_plain};
@@ -422,8 +422,8 @@ pub(crate) async fn ppu_arrears_transitions(tx: &mut Tx, zone: &BillingZone, at:
         let Some(&(grace, retention)) = tiers.get(&account_id) else {
             continue;
         };
-        let trs = arrears_transitions(zone, &periods[&account_id], grace, retention);
-        for tr in trs.iter().filter(|t| t.at >= start && t.at < end && t.at <= at) {
+        let trs = resource_arrears_transitions(zone, &periods[&account_id], grace, retention, start, end);
+        for tr in trs.iter().filter(|t| t.at <= at) {
             let Some(kind) = transition_kind(tr.state) else { continue };
             let notice = Notice {
                 key: json!([kind, id, tr.at]).to_string(),
