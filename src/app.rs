@@ -11,8 +11,7 @@ use crate::fixture::parse_document;
 use crate::jobs::settle::{self as settle_job, SettleSchedule};
 use crate::jobs::{self, JobRun, Step};
 use crate::store::db::{Db, Kind};
-use crate::store::runs::{self, ClaimResult};
-use crate::store::settle::{settle, SettleOutcome, SettleRun};
+use crate::store::settle::{Limits, Progress, SettleOutcome, SettleRun};
 use crate::store::world::{self, LoadSummary, SETTLE_JOB};
 use crate::store::{ledger, schema, subscriptions};
 use anyhow::{Context, Result};
@@ -87,11 +86,11 @@ impl Billing {
                     tracing::info!(job, run = %self.fmt(at), owner, lease_until = %self.fmt(lease_until), "waiting for another runner");
                     total.waited += 1;
                     tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
                         _ = crate::shutdown::wait() => {}
                     }
                 }
-                Step::Idle => break,
+                Step::Interrupted | Step::Idle => break,
             }
         }
         total.interrupted = crate::shutdown::requested();
@@ -133,16 +132,23 @@ impl Billing {
             scheduled: false,
             dry_run,
         };
-        if dry_run {
-            return settle(&self.db, &self.zone, &run, None).await;
-        }
-        match runs::claim(&self.db, &run.job, at, self.lease_seconds).await? {
-            ClaimResult::Claimed(c) => settle(&self.db, &self.zone, &run, Some(&c)).await,
-            ClaimResult::Done => Ok(SettleOutcome {
-                skipped: true,
-                ..Default::default()
-            }),
-            ClaimResult::Held { owner, .. } => Err(anyhow::anyhow!("{} at {} is being run by {owner}", run.job, self.fmt(at))),
+        let limits = Limits {
+            chunk_resources: self.settle.chunk_resources,
+            lease_seconds: self.lease_seconds,
+        };
+        loop {
+            match crate::store::settle::run(&self.db, &self.zone, &run, limits).await? {
+                Progress::Done(o) => return Ok(o),
+                Progress::Interrupted(_) => anyhow::bail!("{} at {}: stopped by a signal; run it again to finish", run.job, self.fmt(at)),
+                Progress::Held { job, owner, lease_until } => {
+                    // another runner is on a part of it: wait for it, or for its lease to expire
+                    tracing::info!(job, owner, lease_until = %self.fmt(lease_until), "waiting for another runner");
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                        _ = crate::shutdown::wait() => {}
+                    }
+                }
+            }
         }
     }
 
@@ -393,7 +399,7 @@ impl CatchUp {
         match run {
             JobRun::Settle(o) => {
                 self.settle_runs += o.runs;
-                self.lines += o.lines.len();
+                self.lines += o.lines;
                 self.amount_due += o.amount_due;
                 self.arrears_began.extend(o.arrears_began.iter().cloned());
             }

@@ -28,6 +28,9 @@ pub struct Cli {
     /// Seconds a claim on a job run lasts without renewal; a dead runner's run is taken over after it
     #[arg(long, env = "BILLRUN_LEASE_SECONDS", global = true)]
     pub lease_seconds: Option<i64>,
+    /// Pay-per-use resources settled per chunk (a transaction and a claim replicas share out)
+    #[arg(long, env = "BILLRUN_CHUNK_RESOURCES", global = true)]
+    pub chunk_resources: Option<i64>,
     /// Deliver notifications by HTTP POST to this URL (signed with --webhook-secret)
     #[arg(long, env = "BILLRUN_WEBHOOK_URL", global = true)]
     pub webhook_url: Option<String>,
@@ -160,6 +163,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         database_url: cli.database_url.clone(),
         timezone: cli.timezone.clone(),
         lease_seconds: cli.lease_seconds,
+        chunk_resources: cli.chunk_resources,
         webhook_url: cli.webhook_url.clone(),
         webhook_secret: cli.webhook_secret.clone(),
         notifications_file: cli.notifications_file.clone(),
@@ -215,16 +219,16 @@ pub async fn run(cli: Cli) -> Result<()> {
             let verb = if dry_run { "would post" } else { "posted" };
             if out.skipped {
                 println!("settle --hour {} --at {}: already run", b.fmt(hour), b.fmt(at));
-            } else if out.lines.is_empty() {
+            } else if out.lines == 0 {
                 println!("hour {}: nothing to post, the ledger already matches the data", b.fmt(hour));
             } else {
                 println!(
                     "hour {}: {verb} {} lines, {} due",
                     b.fmt(hour),
-                    out.lines.len(),
+                    out.lines,
                     crate::billing::money::fmt_cents(out.amount_due)
                 );
-                for l in &out.lines {
+                for l in &out.shown {
                     println!(
                         "  {} {} {} {} {} s list {} due {}",
                         l.transaction_id,

@@ -28,6 +28,9 @@ pub struct FileConfig {
     /// First delivery retry after this many milliseconds, doubling (default 1000).
     pub webhook_backoff_ms: Option<i64>,
     pub metrics_addr: Option<String>,
+    /// Pay-per-use resources per settlement chunk (default 20000): one transaction and one claim,
+    /// so replicas share a big hour and memory stays bounded.
+    pub chunk_resources: Option<i64>,
 }
 
 /// What the command line (and with it the environment) set.
@@ -36,6 +39,7 @@ pub struct Flags {
     pub database_url: Option<String>,
     pub timezone: Option<String>,
     pub lease_seconds: Option<i64>,
+    pub chunk_resources: Option<i64>,
     pub webhook_url: Option<String>,
     pub webhook_secret: Option<String>,
     pub notifications_file: Option<PathBuf>,
@@ -91,6 +95,13 @@ impl Config {
         if !(2..=3600).contains(&lease_seconds) {
             return Err(InputError(format!("--lease-seconds: {lease_seconds} is not between 2 and 3600")).into());
         }
+        let chunk_resources = flags
+            .chunk_resources
+            .or(file.chunk_resources)
+            .unwrap_or(crate::store::settle::DEFAULT_CHUNK_RESOURCES as i64);
+        if !(1..=10_000_000).contains(&chunk_resources) {
+            return Err(InputError(format!("--chunk-resources: {chunk_resources} is not between 1 and 10000000")).into());
+        }
         let sinks = Sinks {
             webhook_url: flags.webhook_url.or(file.webhook_url),
             webhook_secret: flags.webhook_secret.or(file.webhook_secret),
@@ -125,7 +136,10 @@ impl Config {
                 .or(file.database_url)
                 .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string()),
             timezone,
-            settle: SettleSchedule { delay },
+            settle: SettleSchedule {
+                delay,
+                chunk_resources: chunk_resources as usize,
+            },
             lease_seconds,
             sinks,
             metrics_addr,

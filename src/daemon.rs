@@ -12,9 +12,9 @@ pub fn log_run(b: &Billing, at: i64, run: &JobRun) {
     match run {
         JobRun::Settle(o) if o.skipped => tracing::info!(run = %b.fmt(at), "settle run already done by another runner"),
         JobRun::Settle(o) if o.runs > 1 => tracing::debug!(run = %b.fmt(at), runs = o.runs, "settle runs with nothing to settle"),
-        JobRun::Settle(o) if o.lines.is_empty() => tracing::debug!(run = %b.fmt(at), hours = o.hours.len(), "settle run: nothing to post"),
+        JobRun::Settle(o) if o.lines == 0 => tracing::debug!(run = %b.fmt(at), hours = o.hours.len(), "settle run: nothing to post"),
         JobRun::Settle(o) => {
-            tracing::info!(run = %b.fmt(at), hours = o.hours.len(), lines = o.lines.len(), amount_due = %o.amount_due, "settle run")
+            tracing::info!(run = %b.fmt(at), hours = o.hours.len(), lines = o.lines, chunks = o.chunks, amount_due = %o.amount_due, "settle run")
         }
         JobRun::Daily(o) if o.renewals + o.renewal_failures + o.transitions + o.alerts == 0 => {
             tracing::debug!(run = %b.fmt(at), "daily run: nothing due")
@@ -49,6 +49,7 @@ pub async fn run(b: &Billing, poll_seconds: u64, metrics_addr: Option<std::net::
                 tracing::debug!(job, run = %b.fmt(at), owner, "held by another runner");
                 1
             }
+            Ok(Step::Interrupted) => break,
             Ok(Step::Idle) => {
                 if let Err(e) = b.record_caught_up_to(now).await {
                     tracing::warn!(error = %format!("{e:#}"), "could not record progress");

@@ -39,7 +39,7 @@ pub async fn run(dir: &Path) -> Result<()> {
     println!("== 2023-04-18: hourly settlement, each run at its own scheduled instant ==");
     let report = |at: i64, run: &JobRun| {
         let JobRun::Settle(out) = run else { return };
-        if out.lines.is_empty() {
+        if out.lines == 0 {
             return;
         }
         let hours: Vec<String> = out.hours.iter().map(|h| b.fmt(*h)).collect();
@@ -47,10 +47,10 @@ pub async fn run(dir: &Path) -> Result<()> {
             "{}  settled hour {}: {} lines, {} due",
             b.fmt(at),
             hours.join(", "),
-            out.lines.len(),
+            out.lines,
             fmt_cents(out.amount_due)
         );
-        for l in &out.lines {
+        for l in &out.shown {
             println!(
                 "    {:<8} {:<10} {:>5} s  list {:<10} due {:>6}  paid {:>6}  arrears {:>6}  balance {:>8}",
                 l.resource_id,

@@ -55,10 +55,11 @@ async fn three_processes_equal_one() {
         assert!(billrun(&be.url).arg("load").arg(&doc).status().unwrap().success());
     }
     assert!(billrun(&single.url).args(["tick", "--now", now]).status().unwrap().success());
+    // the replicas settle in chunks of 25 resources (4 a run), the single process in one
     let replicas: Vec<_> = (0..3)
         .map(|_| {
             billrun(&cluster.url)
-                .args(["tick", "--now", now])
+                .args(["tick", "--now", now, "--chunk-resources", "25"])
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap()
@@ -77,6 +78,20 @@ async fn three_processes_equal_one() {
     let notes = |url: &str| String::from_utf8(billrun(url).args(["notifications", "--json"]).output().unwrap().stdout).unwrap();
     assert_eq!(notes(&cluster.url), notes(&single.url));
     assert!(skipped_somewhere, "the replicas did share the work");
+    // and shared single runs: chunks of one run settled by different replicas
+    let db = billrun::store::db::Db::connect(&cluster.url).await.unwrap();
+    let shared = db
+        .rows(
+            "SELECT COUNT(*) FROM (SELECT scheduled_at FROM job_runs WHERE job LIKE 'settle#%' GROUP BY scheduled_at HAVING COUNT(DISTINCT owner) > 1) x",
+            vec![],
+            &[billrun::store::db::Kind::Int],
+        )
+        .await
+        .unwrap()[0]
+        .int(0);
+    db.close().await;
+    assert!(shared > 0, "some runs had their chunks settled by several replicas");
+    eprintln!("{shared} settle runs were split between replicas");
 }
 
 /// The reference: a fresh database that loads `doc` and ticks to `now` undisturbed. Returns it, its
@@ -119,7 +134,12 @@ async fn kill_9_mid_run_then_resume_equals_undisturbed() {
         for trial in 0..trials {
             let be = common::fresh(name).await;
             assert!(billrun(&be.url).arg("load").arg(&doc).status().unwrap().success());
-            let mut child = billrun(&be.url).args(["tick", "--now", now]).stdout(Stdio::null()).spawn().unwrap();
+            // in chunks of 100 resources: a kill lands between chunks of a run as well as between runs
+            let mut child = billrun(&be.url)
+                .args(["tick", "--now", now, "--chunk-resources", "100"])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
             std::thread::sleep(duration.mul_f64((trial as f64 + 1.0) / (trials as f64 + 1.0)));
             let _ = child.kill(); // SIGKILL: no chance to clean up
             let _ = child.wait();

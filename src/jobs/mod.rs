@@ -7,7 +7,7 @@ use crate::billing::zone::BillingZone;
 use crate::store::db::Backend;
 use crate::store::db::Db;
 use crate::store::runs::{self, ClaimResult, LeaseKeeper};
-use crate::store::settle::SettleOutcome;
+use crate::store::settle::{Limits, Progress, SettleOutcome};
 use crate::store::subscriptions::{daily_run, DailyOutcome, DAILY_JOB};
 use crate::store::world::SETTLE_JOB;
 use anyhow::Result;
@@ -52,6 +52,8 @@ pub enum Step {
         owner: String,
         lease_until: i64,
     },
+    /// Shutdown was requested in the middle of a run; what was done is committed.
+    Interrupted,
     /// Nothing is due.
     Idle,
 }
@@ -66,48 +68,23 @@ pub async fn step(db: &Db, zone: &BillingZone, sched: &settle::SettleSchedule, l
     if at > now {
         return Ok(Step::Idle);
     }
-    let mut settle_run = None;
     if is_settle {
-        // settle runs before the next daily run with nothing to settle are recorded together
-        let bound = match daily::next_due(db, zone).await? {
-            Some(d) => now.min(d - 1),
-            None => now,
-        };
-        let n = settle::run_empty_span(db, zone, sched, bound).await?;
-        if n > 0 {
+        return settle_step(db, zone, sched, lease_seconds, now, at).await;
+    }
+    let claim = match runs::claim(db, DAILY_JOB, at, lease_seconds).await? {
+        ClaimResult::Claimed(c) => c,
+        ClaimResult::Done | ClaimResult::Open(_) => {
             return Ok(Step::Ran(
                 at,
-                JobRun::Settle(SettleOutcome {
-                    runs: n,
-                    ..Default::default()
-                }),
-            ));
-        }
-        settle_run = settle::plan_next(db, zone, sched, now).await?;
-        if settle_run.is_none() {
-            return Ok(Step::Idle);
-        }
-    }
-    let job = if is_settle { SETTLE_JOB } else { DAILY_JOB };
-    let claim = match runs::claim(db, job, at, lease_seconds).await? {
-        ClaimResult::Claimed(c) => c,
-        ClaimResult::Done => {
-            let skipped = if is_settle {
-                JobRun::Settle(SettleOutcome {
-                    skipped: true,
-                    ..Default::default()
-                })
-            } else {
                 JobRun::Daily(DailyOutcome {
                     skipped: true,
                     ..Default::default()
-                })
-            };
-            return Ok(Step::Ran(at, skipped));
+                }),
+            ))
         }
         ClaimResult::Held { owner, lease_until } => {
             return Ok(Step::Held {
-                job: job.to_string(),
+                job: DAILY_JOB.to_string(),
                 at,
                 owner,
                 lease_until,
@@ -116,28 +93,74 @@ pub async fn step(db: &Db, zone: &BillingZone, sched: &settle::SettleSchedule, l
     };
     let keeper = (db.backend() == Backend::Postgres).then(|| LeaseKeeper::start(db, &claim, lease_seconds));
     let started = std::time::Instant::now();
-    let result = match &settle_run {
-        Some(run) => crate::store::settle::settle(db, zone, run, Some(&claim)).await.map(JobRun::Settle),
-        None => daily_run(db, zone, &claim).await.map(JobRun::Daily),
-    };
+    let result = daily_run(db, zone, &claim).await;
     drop(keeper);
     let duration = started.elapsed();
     match result {
-        Ok(run) => {
-            let (lines, amount) = match &run {
-                JobRun::Settle(o) => (o.lines.len(), o.amount_due),
-                JobRun::Daily(o) => (o.lines.len(), o.lines.iter().map(|l| l.amount_due).sum()),
-            };
-            crate::metrics::run_finished(job, "ok", duration);
-            crate::metrics::posted(job, lines, amount);
-            Ok(Step::Ran(at, run))
+        Ok(o) => {
+            crate::metrics::run_finished(DAILY_JOB, "ok", duration);
+            crate::metrics::posted(DAILY_JOB, o.lines.len(), o.lines.iter().map(|l| l.amount_due).sum());
+            Ok(Step::Ran(at, JobRun::Daily(o)))
         }
         Err(e) => {
-            crate::metrics::run_finished(job, "failed", duration);
+            crate::metrics::run_finished(DAILY_JOB, "failed", duration);
             if let Err(release_error) = runs::release(db, &claim).await {
                 tracing::warn!(error = %format!("{release_error:#}"), "could not release the claim of a failed run");
             }
-            Err(e.context(format!("{job} run at {}", zone.format(at))))
+            Err(e.context(format!("{DAILY_JOB} run at {}", zone.format(at))))
+        }
+    }
+}
+
+/// The settle run at `at`: recorded together with the empty runs after it if there is nothing to
+/// settle, else planned (or joined) and settled chunk by chunk.
+async fn settle_step(db: &Db, zone: &BillingZone, sched: &settle::SettleSchedule, lease_seconds: i64, now: i64, at: i64) -> Result<Step> {
+    // settle runs before the next daily run with nothing to settle are recorded together
+    let bound = match daily::next_due(db, zone).await? {
+        Some(d) => now.min(d - 1),
+        None => now,
+    };
+    let n = settle::run_empty_span(db, zone, sched, bound).await?;
+    if n > 0 {
+        return Ok(Step::Ran(
+            at,
+            JobRun::Settle(SettleOutcome {
+                runs: n,
+                ..Default::default()
+            }),
+        ));
+    }
+    let Some(run) = settle::plan_next(db, zone, sched, now).await? else {
+        return Ok(Step::Idle);
+    };
+    let limits = Limits {
+        chunk_resources: sched.chunk_resources,
+        lease_seconds,
+    };
+    let started = std::time::Instant::now();
+    let result = crate::store::settle::run(db, zone, &run, limits).await;
+    let duration = started.elapsed();
+    match result {
+        Ok(Progress::Done(o)) => {
+            crate::metrics::posted(SETTLE_JOB, o.lines, o.amount_due);
+            if !o.skipped {
+                crate::metrics::run_finished(SETTLE_JOB, "ok", duration);
+            }
+            Ok(Step::Ran(at, JobRun::Settle(o)))
+        }
+        Ok(Progress::Interrupted(o)) => {
+            crate::metrics::posted(SETTLE_JOB, o.lines, o.amount_due);
+            Ok(Step::Interrupted)
+        }
+        Ok(Progress::Held { job, owner, lease_until }) => Ok(Step::Held {
+            job,
+            at,
+            owner,
+            lease_until,
+        }),
+        Err(e) => {
+            crate::metrics::run_finished(SETTLE_JOB, "failed", duration);
+            Err(e.context(format!("{SETTLE_JOB} run at {}", zone.format(at))))
         }
     }
 }

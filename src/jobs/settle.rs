@@ -11,11 +11,16 @@ use anyhow::Result;
 pub struct SettleSchedule {
     /// Seconds after an hour ends before it is settled (default 3600: 08:00-09:00 at 10:00).
     pub delay: i64,
+    /// About this many pay-per-use resources are settled per chunk (one transaction, one claim).
+    pub chunk_resources: usize,
 }
 
 impl Default for SettleSchedule {
     fn default() -> Self {
-        SettleSchedule { delay: 3600 }
+        SettleSchedule {
+            delay: 3600,
+            chunk_resources: crate::store::settle::DEFAULT_CHUNK_RESOURCES,
+        }
     }
 }
 

@@ -122,10 +122,11 @@ pub(crate) async fn post_lines(tx: &mut Tx, lines: &[LedgerLine]) -> Result<u64>
     tx.insert_rows("ledger", line_columns(), rows, "").await
 }
 
-/// Lines already posted for the billing hour, in posting order.
-pub(crate) async fn hour_lines(tx: &mut Tx, hour_start: i64) -> Result<Vec<LedgerLine>> {
-    let sql = format!("{SELECT_LINE} WHERE hour_start = $1 ORDER BY seq");
-    tx.rows(sqlx::AssertSqlSafe(sql), vec![hour_start.into()], LINE_KINDS)
+/// Lines already posted for the billing hour to the accounts in a range, in posting order.
+pub(crate) async fn hour_lines(tx: &mut Tx, hour_start: i64, accounts: (Option<&str>, Option<&str>)) -> Result<Vec<LedgerLine>> {
+    let (cond, extra) = super::settle::range_sql("account_id", accounts, 2);
+    let sql = format!("{SELECT_LINE} WHERE hour_start = $1{cond} ORDER BY seq");
+    tx.rows(sqlx::AssertSqlSafe(sql), [vec![hour_start.into()], extra].concat(), LINE_KINDS)
         .await?
         .iter()
         .map(line_of)

@@ -38,6 +38,9 @@ pub enum ClaimResult {
     Claimed(Claim),
     /// The run is done.
     Done,
+    /// The run is planned and open to every runner: its parts are claimed one by one. Holds the
+    /// stored plan.
+    Open(String),
     /// Another runner holds it until `lease_until`.
     Held {
         owner: String,
@@ -55,7 +58,7 @@ pub async fn claim(db: &Db, job: &str, at: i64, lease_seconds: i64) -> Result<Cl
             "INSERT INTO job_runs (job, scheduled_at, outcome, owner, lease_until, started_at, attempt) VALUES ($1, $2, 'running', $3, $4, $5, 1) \
              ON CONFLICT (job, scheduled_at) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until, \
              started_at = excluded.started_at, attempt = job_runs.attempt + 1 \
-             WHERE job_runs.outcome <> 'ok' AND (job_runs.lease_until IS NULL OR job_runs.lease_until < excluded.started_at) \
+             WHERE job_runs.outcome NOT IN ('ok', 'chunked') AND (job_runs.lease_until IS NULL OR job_runs.lease_until < excluded.started_at) \
              RETURNING attempt",
             vec![job.into(), at.into(), owner.into(), (now + lease_seconds).into(), now.into()],
             &[Kind::Int],
@@ -77,13 +80,14 @@ pub async fn claim(db: &Db, job: &str, at: i64, lease_seconds: i64) -> Result<Cl
         None => {
             let r = tx
                 .rows(
-                    "SELECT outcome, owner, lease_until FROM job_runs WHERE job = $1 AND scheduled_at = $2",
+                    "SELECT outcome, owner, lease_until, detail FROM job_runs WHERE job = $1 AND scheduled_at = $2",
                     vec![job.into(), at.into()],
-                    &[Kind::Text, Kind::Text, Kind::Int],
+                    &[Kind::Text, Kind::Text, Kind::Int, Kind::Text],
                 )
                 .await?;
             match r.first() {
                 Some(r) if r.text(0) == "ok" => ClaimResult::Done,
+                Some(r) if r.text(0) == "chunked" => ClaimResult::Open(r.opt_text(3).unwrap_or_default()),
                 Some(r) => ClaimResult::Held {
                     owner: r.opt_text(1).unwrap_or_default(),
                     lease_until: r.opt_int(2).unwrap_or(0),
@@ -94,6 +98,44 @@ pub async fn claim(db: &Db, job: &str, at: i64, lease_seconds: i64) -> Result<Cl
     };
     tx.commit().await?;
     Ok(result)
+}
+
+/// Opens a claimed run to every runner with its plan, in the caller's transaction, only while
+/// this runner still holds the claim.
+pub(crate) async fn open(tx: &mut Tx, c: &Claim, plan: &str) -> Result<()> {
+    let n = tx
+        .exec(
+            "UPDATE job_runs SET outcome = 'chunked', detail = $5, lease_until = NULL \
+             WHERE job = $1 AND scheduled_at = $2 AND owner = $3 AND attempt = $4 AND outcome = 'running'",
+            vec![
+                c.job.clone().into(),
+                c.at.into(),
+                c.owner.clone().into(),
+                c.attempt.into(),
+                plan.into(),
+            ],
+        )
+        .await?;
+    if n == 0 {
+        bail!(
+            "run {}@{}: the lease was taken over by another runner before the run was planned",
+            c.job,
+            c.at
+        );
+    }
+    Ok(())
+}
+
+/// Whether a run is recorded as done.
+pub async fn is_done(db: &Db, job: &str, at: i64) -> Result<bool> {
+    let r = db
+        .rows(
+            "SELECT outcome FROM job_runs WHERE job = $1 AND scheduled_at = $2",
+            vec![job.into(), at.into()],
+            &[Kind::Text],
+        )
+        .await?;
+    Ok(r.first().is_some_and(|r| r.text(0) == "ok"))
 }
 
 /// Extends the lease; false if it was taken over.

@@ -10,12 +10,14 @@ const SQLITE: &[(i64, &str)] = &[
     (2, include_str!("../../sql/sqlite/0002_subscriptions.sql")),
     (3, include_str!("../../sql/sqlite/0003_leases.sql")),
     (4, include_str!("../../sql/sqlite/0004_delivery.sql")),
+    (5, include_str!("../../sql/sqlite/0005_chunks.sql")),
 ];
 const POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../sql/postgres/0001_foundation.sql")),
     (2, include_str!("../../sql/postgres/0002_subscriptions.sql")),
     (3, include_str!("../../sql/postgres/0003_leases.sql")),
     (4, include_str!("../../sql/postgres/0004_delivery.sql")),
+    (5, include_str!("../../sql/postgres/0005_chunks.sql")),
 ];
 
 /// Brings the schema up to date. Concurrent starts are serialised by a lock on `meta`.

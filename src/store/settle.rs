@@ -1,10 +1,14 @@
-//! One settlement run in one transaction: claim the run, read the hour's resources, usage and
-//! posted lines, plan with the pure rules, post the lines and move the balances. A crash anywhere
-//! leaves nothing behind; the run's row is the claim, so a second runner skips it.
+//! Settlement runs, split into chunks of accounts. A run is planned once (its hours, the hours
+//! awaiting re-settlement with their generation, and account-range boundaries) and the plan is
+//! committed with the run's row; each chunk then settles its accounts' usage for every hour of the
+//! run in its own transaction, claimed with a lease like a run, so several replicas settle one big
+//! hour in parallel and a crash loses one chunk's work at most. The last step (exactly once, by
+//! whichever runner sees every chunk done) clears the re-settled hours, advances the watermark and
+//! records the run as done. Per account, lines and balances do not depend on the chunking.
 
-use super::db::{Db, Kind, Tx};
+use super::db::{Backend, Db, Kind, Tx};
 use super::ledger;
-use super::runs::{self, Claim};
+use super::runs::{self, Claim, ClaimResult, LeaseKeeper};
 use super::world::{account_of, all_plans, record_arrears_events, resource_of, save_accounts, ACCOUNT_KINDS, SETTLE_JOB};
 use crate::billing::lifecycle::{arrears_transitions, unbillable_windows, ArrearsPeriod};
 use crate::billing::model::{LedgerLine, MeteredResource, Plan, UsageSegment};
@@ -12,9 +16,20 @@ use crate::billing::settle::{desired_usage, post_drafts, reconcile, AccountBook,
 use crate::billing::zone::BillingZone;
 use crate::clock;
 use crate::store::subscriptions::arrears_periods;
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+
+/// Lines kept in an outcome for display (a settle --hour, the demo); the rest are only counted.
+pub const SHOWN_LINES: usize = 200;
+
+/// The default chunk: about this many pay-per-use resources per transaction.
+pub const DEFAULT_CHUNK_RESOURCES: usize = 20_000;
+
+/// The job_state row holding the last hour any settle run has planned (loads mark hours up to it
+/// for re-settlement, since a run in progress may not see their data).
+pub const HORIZON: &str = "settle:horizon";
 
 /// Which run this is: a scheduled run of the settle job, or an operator's `settle --hour`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,87 +46,377 @@ pub struct SettleRun {
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SettleOutcome {
-    /// Another runner had already done this run.
+    /// Another runner had already done this run (this process posted nothing for it).
     pub skipped: bool,
     /// Runs recorded: 1, or more when a span of runs with nothing to settle was recorded at once.
     pub runs: usize,
     pub hours: Vec<i64>,
-    pub lines: Vec<LedgerLine>,
+    /// Chunks this process settled, of `chunks_total`.
+    pub chunks: usize,
+    pub chunks_total: usize,
+    /// Lines this process posted (or would post, dry run) and their amount due.
+    pub lines: usize,
     pub amount_due: Decimal,
+    /// The first SHOWN_LINES of them.
+    pub shown: Vec<LedgerLine>,
     pub arrears_began: Vec<String>,
 }
 
-/// Settles a run's hours in one transaction. `claim` is the caller's hold on the run (None only
-/// for a dry run, which changes nothing).
-pub async fn settle(db: &Db, zone: &BillingZone, run: &SettleRun, claim: Option<&Claim>) -> Result<SettleOutcome> {
-    let mut tx = db.begin().await?;
-    let mut hours = run.hours.clone();
-    let dirty: Vec<i64> = if run.scheduled {
-        tx.rows("SELECT hour_start FROM dirty_hours ORDER BY hour_start", vec![], &[Kind::Int])
-            .await?
-            .iter()
-            .map(|r| r.int(0))
-            .collect()
-    } else {
-        vec![]
+impl SettleOutcome {
+    fn absorb(&mut self, c: ChunkOutcome) {
+        self.chunks += 1;
+        self.lines += c.lines.len();
+        self.amount_due += c.lines.iter().map(|l| l.amount_due).sum::<Decimal>();
+        let room = SHOWN_LINES.saturating_sub(self.shown.len());
+        self.shown.extend(c.lines.into_iter().take(room));
+        self.arrears_began.extend(c.arrears_began);
+    }
+}
+
+/// What a run settles, fixed when the run is first claimed and stored with its row, so every
+/// runner (and every attempt) settles the same chunks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettlePlan {
+    /// Every hour settled: the run's own hours and the dirty ones, in order.
+    pub hours: Vec<i64>,
+    /// The run's own hours (the watermark advances to the last).
+    pub run_hours: Vec<i64>,
+    /// Hours awaiting re-settlement when the run was planned, with their generation: cleared at
+    /// the end only if no load marked them again meanwhile.
+    pub dirty: Vec<(i64, i64)>,
+    /// Account-id boundaries: chunk 0 is below bounds[0], chunk k is [bounds[k-1], bounds[k]), the
+    /// last is from the last bound up.
+    pub bounds: Vec<String>,
+}
+
+impl SettlePlan {
+    pub fn chunks(&self) -> usize {
+        self.bounds.len() + 1
+    }
+
+    fn range(&self, k: usize) -> (Option<&str>, Option<&str>) {
+        let lo = if k == 0 { None } else { Some(self.bounds[k - 1].as_str()) };
+        (lo, self.bounds.get(k).map(String::as_str))
+    }
+}
+
+/// The claim name of chunk `k` of a run.
+pub fn chunk_job(job: &str, k: usize) -> String {
+    format!("{job}#{k:05}")
+}
+
+/// How far a run got in this process.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Progress {
+    /// The run is done (by this process, others, or both).
+    Done(SettleOutcome),
+    /// A part of it is held by another runner until its lease expires.
+    Held { job: String, owner: String, lease_until: i64 },
+    /// Shutdown was requested between chunks; what was done is committed.
+    Interrupted(SettleOutcome),
+}
+
+/// What the run needs besides its identity.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub chunk_resources: usize,
+    pub lease_seconds: i64,
+}
+
+/// Runs a settle run to its end: claims it (planning it if first), settles every chunk it can
+/// claim, and records the run as done once every chunk is.
+pub async fn run(db: &Db, zone: &BillingZone, run: &SettleRun, limits: Limits) -> Result<Progress> {
+    if run.dry_run {
+        return dry_run(db, zone, run, limits).await;
+    }
+    let plan = match runs::claim(db, &run.job, run.at, limits.lease_seconds).await? {
+        ClaimResult::Claimed(c) => prepare(db, zone, run, &c, limits.chunk_resources).await?,
+        ClaimResult::Open(detail) => serde_json::from_str(&detail).with_context(|| format!("the stored plan of {}@{}", run.job, run.at))?,
+        ClaimResult::Done => {
+            return Ok(Progress::Done(SettleOutcome {
+                skipped: true,
+                ..Default::default()
+            }))
+        }
+        ClaimResult::Held { owner, lease_until } => {
+            return Ok(Progress::Held {
+                job: run.job.clone(),
+                owner,
+                lease_until,
+            })
+        }
     };
-    hours.extend(dirty.iter().copied());
+    let mut out = SettleOutcome {
+        runs: 1,
+        hours: plan.hours.clone(),
+        chunks_total: plan.chunks(),
+        ..Default::default()
+    };
+    // a chunk released by a failed runner can be claimed again at once: look a few times
+    for _ in 0..3 {
+        let mut held = None;
+        for k in 0..plan.chunks() {
+            if crate::shutdown::requested() {
+                return Ok(Progress::Interrupted(out));
+            }
+            let job = chunk_job(&run.job, k);
+            match runs::claim(db, &job, run.at, limits.lease_seconds).await? {
+                ClaimResult::Claimed(c) => {
+                    let keeper = (db.backend() == Backend::Postgres).then(|| LeaseKeeper::start(db, &c, limits.lease_seconds));
+                    let result = settle_chunk(db, zone, run, &plan, k, Some(&c)).await;
+                    drop(keeper);
+                    match result {
+                        Ok(chunk) => out.absorb(chunk),
+                        Err(e) => {
+                            if let Err(release_error) = runs::release(db, &c).await {
+                                tracing::warn!(error = %format!("{release_error:#}"), "could not release the claim of a failed chunk");
+                            }
+                            return Err(e.context(format!("chunk {} of {}", k + 1, plan.chunks())));
+                        }
+                    }
+                }
+                ClaimResult::Done | ClaimResult::Open(_) => {}
+                ClaimResult::Held { owner, lease_until } => {
+                    held.get_or_insert((job, owner, lease_until));
+                }
+            }
+        }
+        if let Some((job, owner, lease_until)) = held {
+            return Ok(Progress::Held { job, owner, lease_until });
+        }
+        if finalize(db, zone, run, &plan).await? {
+            return Ok(Progress::Done(out));
+        }
+        if runs::is_done(db, &run.job, run.at).await? {
+            out.skipped = out.chunks == 0;
+            return Ok(Progress::Done(out));
+        }
+    }
+    bail!("{}@{}: chunks kept becoming free again; giving the run up for now", run.job, run.at)
+}
+
+/// A dry run: the same plan and chunks, each in a transaction that is rolled back.
+async fn dry_run(db: &Db, zone: &BillingZone, run: &SettleRun, limits: Limits) -> Result<Progress> {
+    let mut tx = db.begin().await?;
+    let plan = plan_of(&mut tx, run, limits.chunk_resources).await?;
+    tx.rollback().await?;
+    let mut out = SettleOutcome {
+        runs: 1,
+        hours: plan.hours.clone(),
+        chunks_total: plan.chunks(),
+        ..Default::default()
+    };
+    for k in 0..plan.chunks() {
+        out.absorb(settle_chunk(db, zone, run, &plan, k, None).await?);
+    }
+    Ok(Progress::Done(out))
+}
+
+/// Reads what a run settles.
+async fn plan_of(tx: &mut Tx, run: &SettleRun, chunk_resources: usize) -> Result<SettlePlan> {
+    let dirty: Vec<(i64, i64)> = tx
+        .rows(
+            "SELECT hour_start, gen FROM dirty_hours ORDER BY hour_start",
+            vec![],
+            &[Kind::Int, Kind::Int],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.int(0), r.int(1)))
+        .filter(|(h, _)| run.scheduled || run.hours.contains(h))
+        .collect();
+    let mut hours: Vec<i64> = run.hours.iter().copied().chain(dirty.iter().map(|d| d.0)).collect();
     hours.sort_unstable();
     hours.dedup();
+    // every chunk_resources-th pay-per-use resource in account order starts a chunk
+    let mut bounds: Vec<String> = tx
+        .rows(
+            "SELECT account_id FROM (SELECT account_id, ROW_NUMBER() OVER (ORDER BY account_id) AS rn FROM resources \
+             WHERE mode = 'pay_per_use' OR ppu_from IS NOT NULL) x WHERE rn % $1 = 0 ORDER BY account_id",
+            vec![(chunk_resources.max(1) as i64).into()],
+            &[Kind::Text],
+        )
+        .await?
+        .iter()
+        .map(|r| r.text(0))
+        .collect();
+    bounds.dedup();
+    Ok(SettlePlan {
+        hours,
+        run_hours: run.hours.clone(),
+        dirty,
+        bounds,
+    })
+}
 
+/// Plans a run this process has just claimed and records the plan with the run's row (only while
+/// the claim holds). Loads wait for this transaction, so every load either commits before the run
+/// reads anything or sees the new horizon and marks its hours for re-settlement.
+async fn prepare(db: &Db, zone: &BillingZone, run: &SettleRun, claim: &Claim, chunk_resources: usize) -> Result<SettlePlan> {
+    let mut tx = db.begin().await?;
+    lock_horizon(&mut tx, true).await?;
+    let plan = plan_of(&mut tx, run, chunk_resources).await?;
+    if let (true, Some(&last)) = (run.scheduled, run.hours.iter().max()) {
+        advance(&mut tx, HORIZON, last).await?;
+    }
+    runs::open(&mut tx, claim, &serde_json::to_string(&plan)?).await?;
+    tx.commit().await?;
+    tracing::debug!(job = %run.job, run = %zone.format(run.at), hours = plan.hours.len(), chunks = plan.chunks(), "planned a settle run");
+    Ok(plan)
+}
+
+/// Serialises planning with loads on PostgreSQL (SQLite writers are serialised already): planning
+/// takes the lock exclusively, loads share it.
+pub(crate) async fn lock_horizon(tx: &mut Tx, exclusive: bool) -> Result<()> {
+    if tx.backend() == Backend::Postgres {
+        let sql = if exclusive {
+            "SELECT value FROM meta WHERE key = 'settle_plan_lock' FOR UPDATE"
+        } else {
+            "SELECT value FROM meta WHERE key = 'settle_plan_lock' FOR SHARE"
+        };
+        tx.rows(sql, vec![], &[Kind::Text]).await?;
+    }
+    Ok(())
+}
+
+/// Moves a job_state value forward (never back).
+async fn advance(tx: &mut Tx, job: &str, to: i64) -> Result<()> {
+    tx.exec(
+        "INSERT INTO job_state (job, watermark) VALUES ($1, $2) ON CONFLICT (job) DO UPDATE SET watermark = excluded.watermark WHERE job_state.watermark < excluded.watermark",
+        vec![job.into(), to.into()],
+    )
+    .await?;
+    Ok(())
+}
+
+/// What one chunk posted.
+#[derive(Clone, Debug, Default)]
+struct ChunkOutcome {
+    lines: Vec<LedgerLine>,
+    arrears_began: Vec<String>,
+}
+
+/// `AND col >= $n AND col < $n+1` for an account range, with its arguments.
+pub(crate) fn range_sql(col: &str, (lo, hi): (Option<&str>, Option<&str>), first: usize) -> (String, Vec<super::db::Val>) {
+    let mut sql = String::new();
+    let mut args = Vec::new();
+    let mut n = first;
+    if let Some(lo) = lo {
+        sql.push_str(&format!(" AND {col} >= ${n}"));
+        args.push(lo.into());
+        n += 1;
+    }
+    if let Some(hi) = hi {
+        sql.push_str(&format!(" AND {col} < ${n}"));
+        args.push(hi.into());
+    }
+    (sql, args)
+}
+
+/// Settles chunk `k` of a run for every hour of the plan in one transaction, which commits only
+/// while `claim` holds (None: a dry run, rolled back).
+async fn settle_chunk(
+    db: &Db,
+    zone: &BillingZone,
+    run: &SettleRun,
+    plan: &SettlePlan,
+    k: usize,
+    claim: Option<&Claim>,
+) -> Result<ChunkOutcome> {
+    let mut tx = db.begin().await?;
+    let range = plan.range(k);
     let plans = all_plans(&mut tx).await?;
     let periods = arrears_periods(&mut tx).await?;
     let mut books: HashMap<String, AccountBook> = HashMap::new();
     let mut events: Vec<ArrearsEvent> = Vec::new();
-    let mut out = SettleOutcome {
-        hours: hours.clone(),
-        runs: 1,
-        ..Default::default()
-    };
-    for &hour in &hours {
-        let lines = settle_hour(&mut tx, zone, hour, &plans, &mut books, &mut events, run, &periods).await?;
-        out.amount_due += lines.iter().map(|l| l.amount_due).sum::<Decimal>();
-        out.lines.extend(lines);
+    let mut lines = Vec::new();
+    for &hour in &plan.hours {
+        lines.extend(settle_hour(&mut tx, zone, hour, range, &plans, &mut books, &mut events, run, &periods).await?);
     }
-    out.arrears_began = events
-        .iter()
-        .filter_map(|e| {
-            if let ArrearsEvent::Began { account_id, .. } = e {
-                Some(account_id.clone())
-            } else {
-                None
-            }
-        })
-        .collect();
-    if run.dry_run {
+    let out = ChunkOutcome {
+        arrears_began: events
+            .iter()
+            .filter_map(|e| match e {
+                ArrearsEvent::Began { account_id, .. } => Some(account_id.clone()),
+                ArrearsEvent::Cleared { .. } => None,
+            })
+            .collect(),
+        lines,
+    };
+    let Some(claim) = claim.filter(|_| !run.dry_run) else {
         tx.rollback().await?;
         return Ok(out);
-    }
+    };
     ledger::post_lines(&mut tx, &out.lines).await?;
     let changed: Vec<_> = books.values().filter(|b| b.changed).map(|b| &b.account).collect();
     save_accounts(&mut tx, changed).await?;
     record_arrears_events(&mut tx, &events).await?;
-    if run.scheduled {
-        crate::store::subscriptions::ppu_arrears_transitions(&mut tx, zone, run.at).await?;
-        for h in &dirty {
-            tx.exec("DELETE FROM dirty_hours WHERE hour_start = $1", vec![(*h).into()]).await?;
-        }
-        if let Some(&last) = run.hours.iter().max() {
-            tx.exec(
-                "INSERT INTO job_state (job, watermark) VALUES ($1, $2) ON CONFLICT (job) DO UPDATE SET watermark = excluded.watermark WHERE job_state.watermark < excluded.watermark",
-                vec![SETTLE_JOB.into(), last.into()],
-            )
-            .await?;
-        }
-    } else {
-        for h in &run.hours {
-            tx.exec("DELETE FROM dirty_hours WHERE hour_start = $1", vec![(*h).into()]).await?;
-        }
-    }
-    let claim = claim.ok_or_else(|| anyhow!("a settle run that posts must hold its claim"))?;
-    runs::finish(&mut tx, claim, out.lines.len(), out.amount_due, serde_json::json!({"hours": hours})).await?;
+    let amount: Decimal = out.lines.iter().map(|l| l.amount_due).sum();
+    runs::finish(
+        &mut tx,
+        claim,
+        out.lines.len(),
+        amount,
+        serde_json::json!({"accounts": [range.0, range.1]}),
+    )
+    .await?;
     tx.commit().await?;
     Ok(out)
+}
+
+/// Records the run as done once all its chunks are: exactly once (the guarded update decides),
+/// with the re-settled hours cleared (unless marked again since), the watermark advanced and
+/// pay-per-use arrears transitions recorded. False if a chunk is not done or another runner did it.
+async fn finalize(db: &Db, zone: &BillingZone, run: &SettleRun, plan: &SettlePlan) -> Result<bool> {
+    let mut tx = db.begin().await?;
+    let names: Vec<String> = (0..plan.chunks()).map(|k| chunk_job(&run.job, k)).collect();
+    let done = tx
+        .rows_in(
+            "SELECT lines, amount_due FROM job_runs WHERE job IN",
+            &names,
+            &format!("AND scheduled_at = {} AND outcome = 'ok'", run.at),
+            &[Kind::Int, Kind::Money],
+        )
+        .await?;
+    if done.len() != plan.chunks() {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    let lines: i64 = done.iter().map(|r| r.int(0)).sum();
+    let amount: Decimal = done.iter().map(|r| r.money(1)).sum();
+    let n = tx
+        .exec(
+            "UPDATE job_runs SET outcome = 'ok', finished_at = $3, lines = $4, amount_due = $5, detail = $6 \
+             WHERE job = $1 AND scheduled_at = $2 AND outcome = 'chunked'",
+            vec![
+                run.job.clone().into(),
+                run.at.into(),
+                clock::wall_now().into(),
+                lines.into(),
+                amount.into(),
+                serde_json::json!({"hours": plan.hours, "chunks": plan.chunks()}).to_string().into(),
+            ],
+        )
+        .await?;
+    if n == 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    for (h, gen) in &plan.dirty {
+        tx.exec(
+            "DELETE FROM dirty_hours WHERE hour_start = $1 AND gen = $2",
+            vec![(*h).into(), (*gen).into()],
+        )
+        .await?;
+    }
+    if run.scheduled {
+        crate::store::subscriptions::ppu_arrears_transitions(&mut tx, zone, run.at).await?;
+        if let Some(&last) = plan.run_hours.iter().max() {
+            advance(&mut tx, SETTLE_JOB, last).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(true)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -119,6 +424,7 @@ async fn settle_hour(
     tx: &mut Tx,
     zone: &BillingZone,
     hour: i64,
+    range: (Option<&str>, Option<&str>),
     plans: &HashMap<String, Plan>,
     books: &mut HashMap<String, AccountBook>,
     events: &mut Vec<ArrearsEvent>,
@@ -127,12 +433,15 @@ async fn settle_hour(
 ) -> Result<Vec<LedgerLine>> {
     let end = zone.next_hour(hour);
     // pay-per-use from creation (or from a change to pay-per-use) until deletion or release
+    let (cond, extra) = range_sql("account_id", range, 3);
     let resources: HashMap<String, MeteredResource> = tx
         .rows(
-            "SELECT id, account_id, plan_id, quantity, created_at, deleted_at, ppu_from, released_at FROM resources \
-             WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL) AND created_at < $2 AND (ppu_from IS NULL OR ppu_from < $2) \
-             AND (deleted_at IS NULL OR deleted_at > $1) AND (released_at IS NULL OR released_at > $1)",
-            vec![hour.into(), end.into()],
+            sqlx::AssertSqlSafe(format!(
+                "SELECT id, account_id, plan_id, quantity, created_at, deleted_at, ppu_from, released_at FROM resources \
+                 WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL) AND created_at < $2 AND (ppu_from IS NULL OR ppu_from < $2) \
+                 AND (deleted_at IS NULL OR deleted_at > $1) AND (released_at IS NULL OR released_at > $1){cond}"
+            )),
+            [vec![hour.into(), end.into()], extra].concat(),
             &[
                 Kind::Text,
                 Kind::Text,
@@ -157,10 +466,14 @@ async fn settle_hour(
             (m.id.clone(), m)
         })
         .collect();
+    let (cond, extra) = range_sql("r.account_id", range, 3);
     let segments: Vec<UsageSegment> = tx
         .rows(
-            "SELECT resource_id, item, quantity, from_at, to_at FROM usage_segments WHERE superseded = 0 AND from_at < $2 AND to_at > $1",
-            vec![hour.into(), end.into()],
+            sqlx::AssertSqlSafe(format!(
+                "SELECT s.resource_id, s.item, s.quantity, s.from_at, s.to_at FROM usage_segments s JOIN resources r ON r.id = s.resource_id \
+                 WHERE s.superseded = 0 AND s.from_at < $2 AND s.to_at > $1{cond}"
+            )),
+            [vec![hour.into(), end.into()], extra].concat(),
             &[Kind::Text, Kind::Text, Kind::Money, Kind::Int, Kind::Int],
         )
         .await?
@@ -173,8 +486,9 @@ async fn settle_hour(
             to: r.int(4),
         })
         .collect();
-    let posted_lines = ledger::hour_lines(tx, hour).await?;
-    // the accounts of the hour, read once per run; later hours of the run continue from their balance
+    let posted_lines = ledger::hour_lines(tx, hour, range).await?;
+    // the accounts of the hour, read (and on PostgreSQL locked, in id order) once per chunk; later
+    // hours of the run continue from their balance
     let mut account_ids: Vec<String> = resources
         .values()
         .map(|r| r.account_id.clone())
@@ -183,11 +497,16 @@ async fn settle_hour(
         .collect();
     account_ids.sort();
     account_ids.dedup();
+    let lock = if tx.backend() == Backend::Postgres {
+        "ORDER BY id FOR UPDATE"
+    } else {
+        ""
+    };
     for r in tx
         .rows_in(
             "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id IN",
             &account_ids,
-            "",
+            lock,
             ACCOUNT_KINDS,
         )
         .await?
@@ -256,6 +575,7 @@ pub async fn record_empty_runs(db: &Db, zone: &BillingZone, runs: &[(i64, Vec<i6
     };
     let end = zone.next_hour(last);
     let mut tx = db.begin().await?;
+    lock_horizon(&mut tx, true).await?;
     let busy = tx
         .rows(
             "SELECT (SELECT COUNT(*) FROM resources WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL) AND created_at < $2 \
@@ -297,11 +617,8 @@ pub async fn record_empty_runs(db: &Db, zone: &BillingZone, runs: &[(i64, Vec<i6
         tx.rollback().await?;
         return Ok(false);
     }
-    tx.exec(
-        "INSERT INTO job_state (job, watermark) VALUES ($1, $2) ON CONFLICT (job) DO UPDATE SET watermark = excluded.watermark WHERE job_state.watermark < excluded.watermark",
-        vec![SETTLE_JOB.into(), last.into()],
-    )
-    .await?;
+    advance(&mut tx, SETTLE_JOB, last).await?;
+    advance(&mut tx, HORIZON, last).await?;
     let last_run = runs.last().map(|(at, _)| *at).unwrap_or(end);
     crate::store::subscriptions::ppu_arrears_transitions(&mut tx, zone, last_run).await?;
     tx.commit().await?;

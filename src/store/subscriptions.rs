@@ -104,16 +104,10 @@ async fn plan(tx: &mut Tx, id: &str) -> Result<Plan> {
 }
 
 async fn book(tx: &mut Tx, account_id: &str) -> Result<AccountBook> {
-    let rows = tx
-        .rows(
-            "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id = $1",
-            vec![account_id.into()],
-            ACCOUNT_KINDS,
-        )
-        .await?;
-    Ok(AccountBook::new(account_of(
-        rows.first().ok_or_else(|| anyhow!("account {account_id} is not loaded"))?,
-    )))
+    let account = crate::store::world::account(tx, account_id).await?;
+    Ok(AccountBook::new(
+        account.ok_or_else(|| anyhow!("account {account_id} is not loaded"))?,
+    ))
 }
 
 /// Posts a subscription's purchase at load: price x periods x quantity at `purchased_at`. A
@@ -185,10 +179,18 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
     let today = zone.local_date(at);
     let mut out = DailyOutcome::default();
     let plans = all_plans(&mut tx).await?;
+    // the balances it may move, locked in id order on PostgreSQL until it commits
+    let lock = if tx.backend() == crate::store::db::Backend::Postgres {
+        "FOR UPDATE"
+    } else {
+        ""
+    };
     let mut books: HashMap<String, AccountBook> = tx
         .rows(
-            "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id IN \
-             (SELECT account_id FROM resources WHERE mode <> 'pay_per_use' UNION SELECT account_id FROM arrears_periods)",
+            sqlx::AssertSqlSafe(format!(
+                "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id IN \
+                 (SELECT account_id FROM resources WHERE mode <> 'pay_per_use' UNION SELECT account_id FROM arrears_periods) ORDER BY id {lock}"
+            )),
             vec![],
             ACCOUNT_KINDS,
         )

@@ -111,17 +111,35 @@ async fn known_for(tx: &mut Tx, doc: &Document, known: &mut Known) -> Result<()>
     Ok(())
 }
 
-/// The settle job's watermark: the last billing hour settled in order.
-pub(crate) async fn watermark(tx: &mut Tx) -> Result<Option<i64>> {
+/// The last hour a settle run has settled or is settling: usage loaded for an hour up to it must
+/// mark the hour for re-settlement. On PostgreSQL it is read under the lock that planning a run
+/// takes exclusively (held until the load commits), so a run either sees the load's data or the
+/// load sees the run's horizon.
+pub(crate) async fn dirty_horizon(tx: &mut Tx) -> Result<Option<i64>> {
+    crate::store::settle::lock_horizon(tx, false).await?;
     Ok(tx
         .rows(
-            "SELECT watermark FROM job_state WHERE job = $1",
-            vec![SETTLE_JOB.into()],
+            "SELECT MAX(watermark) FROM job_state WHERE job = $1 OR job = $2",
+            vec![SETTLE_JOB.into(), crate::store::settle::HORIZON.into()],
             &[Kind::Int],
         )
         .await?
         .first()
-        .map(|r| r.int(0)))
+        .and_then(|r| r.opt_int(0)))
+}
+
+/// Marks hours for re-settlement; marking one again bumps its generation, so a run that planned
+/// to re-settle it before this load leaves it marked.
+async fn mark_hours(tx: &mut Tx, hours: BTreeSet<i64>) -> Result<()> {
+    let rows: Vec<Vec<Val>> = hours.into_iter().map(|h| vec![Val::from(h)]).collect();
+    tx.insert_rows(
+        "dirty_hours",
+        &["hour_start"],
+        rows,
+        "ON CONFLICT (hour_start) DO UPDATE SET gen = dirty_hours.gen + 1",
+    )
+    .await?;
+    Ok(())
 }
 
 /// Loads documents, all or nothing: each is validated against the database and the documents
@@ -137,29 +155,24 @@ pub async fn load_documents(db: &Db, zone: &BillingZone, docs: &[(String, Docume
         known.absorb(&batch);
         batches.push(batch);
     }
-    let watermark = watermark(&mut tx).await?;
+    let watermark = dirty_horizon(&mut tx).await?;
     let mut summary = LoadSummary::default();
     let mut dirty = BTreeSet::new();
     for b in &batches {
         write_batch(&mut tx, zone, b, watermark, &known, &mut dirty, &mut summary).await?;
     }
     summary.hours_marked_for_resettlement = dirty.len();
-    let rows: Vec<Vec<Val>> = dirty.into_iter().map(|h| vec![Val::from(h)]).collect();
-    tx.insert_rows("dirty_hours", &["hour_start"], rows, "ON CONFLICT (hour_start) DO NOTHING")
-        .await?;
+    mark_hours(&mut tx, dirty).await?;
     tx.commit().await?;
     Ok(summary)
 }
 
 /// Marks the settled hours in [from, to) for re-settlement by the next settle run.
 pub(crate) async fn mark_dirty_span(tx: &mut Tx, zone: &BillingZone, from: i64, to: i64) -> Result<()> {
-    let w = watermark(tx).await?;
+    let w = dirty_horizon(tx).await?;
     let mut dirty = BTreeSet::new();
     mark_dirty(zone, from, to, w, &mut dirty);
-    let rows: Vec<Vec<Val>> = dirty.into_iter().map(|h| vec![Val::from(h)]).collect();
-    tx.insert_rows("dirty_hours", &["hour_start"], rows, "ON CONFLICT (hour_start) DO NOTHING")
-        .await?;
-    Ok(())
+    mark_hours(tx, dirty).await
 }
 
 fn mark_dirty(zone: &BillingZone, from: i64, to: i64, watermark: Option<i64>, dirty: &mut BTreeSet<i64>) {
@@ -359,7 +372,12 @@ async fn post_topups(tx: &mut Tx, b: &Batch, s: &mut LoadSummary) -> Result<()> 
 
 /// Reads an account inside a transaction.
 pub(crate) async fn account(tx: &mut Tx, id: &str) -> Result<Option<Account>> {
-    let sql = "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id = $1";
+    let sql = if tx.backend() == super::db::Backend::Postgres {
+        // its balance is about to change: hold it until commit
+        "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id = $1 FOR UPDATE"
+    } else {
+        "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id = $1"
+    };
     Ok(tx.rows(sql, vec![id.into()], ACCOUNT_KINDS).await?.first().map(account_of))
 }
 
