@@ -8,7 +8,7 @@ use crate::billing::zone::{parse_instant, BillingZone};
 use crate::config::Config;
 use crate::error::InputError;
 use crate::fixture::parse_document;
-use crate::jobs::settle::{self as settle_job, SettleSchedule};
+use crate::jobs::settle::{self as settle_job, Schedule};
 use crate::jobs::{self, JobRun, Step};
 use crate::store::db::{Db, Kind};
 use crate::store::settle::{Limits, Progress, SettleOutcome, SettleRun};
@@ -23,7 +23,7 @@ use serde_json::json;
 pub struct Billing {
     pub db: Db,
     pub zone: BillingZone,
-    pub settle: SettleSchedule,
+    pub settle: Schedule,
     /// How long a claim on a run lasts without renewal.
     pub lease_seconds: i64,
     /// Where notifications are delivered.
@@ -38,7 +38,7 @@ impl Billing {
         Ok(Billing {
             db,
             zone,
-            settle: cfg.settle,
+            settle: cfg.settle.clone(),
             lease_seconds: cfg.lease_seconds,
             sinks: cfg.sinks.clone(),
         })

@@ -31,6 +31,12 @@ pub struct Cli {
     /// Pay-per-use resources settled per chunk (a transaction and a claim replicas share out)
     #[arg(long, env = "BILLRUN_CHUNK_RESOURCES", global = true)]
     pub chunk_resources: Option<i64>,
+    /// When the settle job runs: cron with seconds in the billing time zone [default: 0 0 * * * *]
+    #[arg(long, env = "BILLRUN_SETTLE_CRON", global = true)]
+    pub settle_cron: Option<String>,
+    /// When the daily job runs [default: 0 3 0 * * *]
+    #[arg(long, env = "BILLRUN_DAILY_CRON", global = true)]
+    pub daily_cron: Option<String>,
     /// Deliver notifications by HTTP POST to this URL (signed with --webhook-secret)
     #[arg(long, env = "BILLRUN_WEBHOOK_URL", global = true)]
     pub webhook_url: Option<String>,
@@ -164,6 +170,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         timezone: cli.timezone.clone(),
         lease_seconds: cli.lease_seconds,
         chunk_resources: cli.chunk_resources,
+        settle_cron: cli.settle_cron.clone(),
+        daily_cron: cli.daily_cron.clone(),
         webhook_url: cli.webhook_url.clone(),
         webhook_secret: cli.webhook_secret.clone(),
         notifications_file: cli.notifications_file.clone(),

@@ -3,7 +3,8 @@
 use crate::billing::zone::BillingZone;
 use crate::delivery::Sinks;
 use crate::error::InputError;
-use crate::jobs::settle::SettleSchedule;
+use crate::jobs::cron::CronSchedule;
+use crate::jobs::settle::Schedule;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -31,6 +32,10 @@ pub struct FileConfig {
     /// Pay-per-use resources per settlement chunk (default 20000): one transaction and one claim,
     /// so replicas share a big hour and memory stays bounded.
     pub chunk_resources: Option<i64>,
+    /// When the settle job runs: cron with seconds, in the billing time zone (default `0 0 * * * *`).
+    pub settle_cron: Option<String>,
+    /// When the daily job runs (default `0 3 0 * * *`, 00:03:00 local).
+    pub daily_cron: Option<String>,
 }
 
 /// What the command line (and with it the environment) set.
@@ -40,6 +45,8 @@ pub struct Flags {
     pub timezone: Option<String>,
     pub lease_seconds: Option<i64>,
     pub chunk_resources: Option<i64>,
+    pub settle_cron: Option<String>,
+    pub daily_cron: Option<String>,
     pub webhook_url: Option<String>,
     pub webhook_secret: Option<String>,
     pub notifications_file: Option<PathBuf>,
@@ -51,7 +58,7 @@ pub struct Config {
     pub database_url: String,
     /// None: whatever the database already bills in (UTC for a new one).
     pub timezone: Option<BillingZone>,
-    pub settle: SettleSchedule,
+    pub settle: Schedule,
     pub lease_seconds: i64,
     pub sinks: Sinks,
     pub metrics_addr: Option<SocketAddr>,
@@ -63,7 +70,7 @@ impl Config {
         Config {
             database_url: url.to_string(),
             timezone: None,
-            settle: SettleSchedule::default(),
+            settle: Schedule::default(),
             lease_seconds: DEFAULT_LEASE_SECONDS,
             sinks: Sinks {
                 backoff_ms: 1000,
@@ -87,7 +94,7 @@ impl Config {
             .or(file.timezone)
             .map(|s| BillingZone::parse(&s).map_err(|e| InputError(format!("--timezone: {e}"))))
             .transpose()?;
-        let delay = file.settlement_delay_seconds.unwrap_or(SettleSchedule::default().delay);
+        let delay = file.settlement_delay_seconds.unwrap_or(Schedule::default().delay);
         if !(0..=7 * 86400).contains(&delay) {
             return Err(InputError(format!("--config: settlement_delay_seconds {delay} is not between 0 and 604800")).into());
         }
@@ -102,6 +109,16 @@ impl Config {
         if !(1..=10_000_000).contains(&chunk_resources) {
             return Err(InputError(format!("--chunk-resources: {chunk_resources} is not between 1 and 10000000")).into());
         }
+        let cron = |flag: &str, value: Option<String>, default: fn() -> CronSchedule| match value {
+            None => Ok(default()),
+            Some(v) => CronSchedule::parse(&v).map_err(|e| InputError(format!("{flag}: {e}"))),
+        };
+        let settle_cron = cron(
+            "--settle-cron",
+            flags.settle_cron.or(file.settle_cron),
+            CronSchedule::default_settle,
+        )?;
+        let daily_cron = cron("--daily-cron", flags.daily_cron.or(file.daily_cron), CronSchedule::default_daily)?;
         let sinks = Sinks {
             webhook_url: flags.webhook_url.or(file.webhook_url),
             webhook_secret: flags.webhook_secret.or(file.webhook_secret),
@@ -136,7 +153,9 @@ impl Config {
                 .or(file.database_url)
                 .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string()),
             timezone,
-            settle: SettleSchedule {
+            settle: Schedule {
+                settle_cron,
+                daily_cron,
                 delay,
                 chunk_resources: chunk_resources as usize,
             },

@@ -181,3 +181,77 @@ fn subscription_commands() {
         (Some("monthly"), Some("2023-09-16"))
     );
 }
+
+/// The jobs' cron expressions come from flags (or env, or the config file), in the billing time
+/// zone: settling every six hours posts the same lines as hourly, at the six-hourly instants; the
+/// daily job runs at its configured local time.
+#[test]
+fn cron_expressions_from_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("w.json");
+    std::fs::write(
+        &doc,
+        r#"{"accounts": [{"id": "a", "balance": "100.00"}],
+            "plans": [{"id": "p", "product": "KooPhone", "hourly": {"instance": "0.36"}, "monthly": "30.00"}],
+            "resources": [{"id": "vm", "account": "a", "plan": "p", "mode": "pay_per_use", "created_at": "2023-04-18T00:00:00+08:00"},
+                          {"id": "sub", "account": "a", "plan": "p", "mode": "monthly", "purchased_at": "2023-04-18T00:00:00+08:00"}]}"#,
+    )
+    .unwrap();
+    let url = |name: &str| format!("sqlite://{}", dir.path().join(name).display());
+    let (hourly, six) = (url("hourly.db"), url("six.db"));
+    for u in [&hourly, &six] {
+        ok(&billrun(u, &["--timezone", "Asia/Shanghai", "load", doc.to_str().unwrap()]));
+    }
+    ok(&billrun(&hourly, &["tick", "--now", "2023-04-19T12:00:00+08:00"]));
+    let out = ok(&billrun(
+        &six,
+        &[
+            "--settle-cron",
+            "0 0 */6 * * *",
+            "--daily-cron",
+            "0 30 1 * * *",
+            "tick",
+            "--now",
+            "2023-04-19T12:00:00+08:00",
+        ],
+    ));
+    assert!(out.contains("6 settle runs, 2 daily runs"), "{out}");
+    let lines = |u: &str| -> Vec<Vec<String>> {
+        let csv = ok(&billrun(u, &["export"]));
+        let mut r = csv::Reader::from_reader(csv.as_bytes());
+        let h = r.headers().unwrap().clone();
+        let keep = ["resource_id", "transaction_type", "period_start", "amount_due", "transaction_time"]
+            .map(|n| h.iter().position(|x| x == n).unwrap());
+        let mut v: Vec<Vec<String>> = r
+            .records()
+            .map(|rec| {
+                let rec = rec.unwrap();
+                keep.iter().map(|&i| rec[i].to_string()).collect()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let (a, b) = (lines(&hourly), lines(&six));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x[..4], y[..4], "same line, same amount");
+    }
+    // six-hourly: usage of 00:00-01:00 on the 18th is posted at 06:00 local
+    assert!(
+        b.iter()
+            .any(|l| l[2] == "2023-04-18T00:00:00+08:00" && l[4] == "2023-04-18T06:00:00+08:00"),
+        "{b:?}"
+    );
+    let status: serde_json::Value = serde_json::from_str(&ok(&billrun(&six, &["status", "--json"]))).unwrap();
+    let daily = status["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["job"] == "daily")
+        .unwrap()
+        .clone();
+    assert_eq!(daily["last_scheduled_at"], "2023-04-19T01:30:00+08:00", "{status}");
+    // a malformed expression is refused, naming the flag
+    fails(&billrun(&six, &["--daily-cron", "3 0 * * *", "tick"]), 2, "--daily-cron");
+}

@@ -8,12 +8,6 @@ use super::zone::BillingZone;
 use chrono::{Datelike, Days, Months, NaiveDate, NaiveTime};
 use rust_decimal::Decimal;
 
-/// Local clock time of the daily job.
-pub const DAILY_AT: NaiveTime = match NaiveTime::from_hms_opt(0, 3, 0) {
-    Some(t) => t,
-    None => panic!("00:03:00 is a time"),
-};
-
 /// `anchor` + `months`, clamped to the month's last day, always counted from the anchor so that
 /// renewals do not drift (Jan 31 -> Feb 28 -> Mar 31).
 pub fn add_months(anchor: NaiveDate, months: u32) -> NaiveDate {
@@ -42,11 +36,6 @@ pub fn add_local_days(zone: &BillingZone, t: i64, days: i64) -> i64 {
         local.checked_sub_days(Days::new((-days) as u64))
     };
     zone.instant_of_local(shifted.expect("date within range"))
-}
-
-/// The daily job's instant on local date `d`.
-pub fn daily_instant(zone: &BillingZone, d: NaiveDate) -> i64 {
-    zone.instant_of_local(d.and_time(DAILY_AT))
 }
 
 /// Days before expiry on which an alert is sent.
@@ -274,7 +263,6 @@ mod tests {
         assert_eq!(cycle_end(&z, date("2023-03-08")), at("2023-03-09T00:00:00Z"));
         let sh = BillingZone::parse("Asia/Shanghai").unwrap();
         assert_eq!(cycle_end(&sh, date("2023-03-08")), at("2023-03-09T00:00:00+08:00"));
-        assert_eq!(daily_instant(&sh, date("2023-03-01")), at("2023-03-01T00:03:00+08:00"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Jobs: each run is planned by pure functions of the stored state and an instant, then executed
 //! as one transaction keyed by (job, scheduled instant); `tick` and the daemon only loop over them.
+pub mod cron;
 pub mod daily;
 pub mod settle;
 
@@ -29,9 +30,9 @@ impl JobRun {
 }
 
 /// The earliest run due by `now` across jobs, in scheduled-time order (settle first on a tie).
-pub async fn next_due(db: &Db, zone: &BillingZone, sched: &settle::SettleSchedule) -> Result<Option<(bool, i64)>> {
+pub async fn next_due(db: &Db, zone: &BillingZone, sched: &settle::Schedule) -> Result<Option<(bool, i64)>> {
     let s = settle::next_due(db, zone, sched).await?;
-    let d = daily::next_due(db, zone).await?;
+    let d = daily::next_due(db, zone, &sched.daily_cron).await?;
     Ok(match (s, d) {
         (Some(s), Some(d)) if d < s => Some((false, d)),
         (Some(s), _) => Some((true, s)),
@@ -61,7 +62,7 @@ pub enum Step {
 /// Does the earliest run due by `now`, in scheduled-time order across jobs: claims it with a
 /// lease of `lease_seconds` (renewed while it works), does it in one transaction, and on failure
 /// gives the claim back so that another runner can retry at once.
-pub async fn step(db: &Db, zone: &BillingZone, sched: &settle::SettleSchedule, lease_seconds: i64, now: i64) -> Result<Step> {
+pub async fn step(db: &Db, zone: &BillingZone, sched: &settle::Schedule, lease_seconds: i64, now: i64) -> Result<Step> {
     let Some((is_settle, at)) = next_due(db, zone, sched).await? else {
         return Ok(Step::Idle);
     };
@@ -114,9 +115,9 @@ pub async fn step(db: &Db, zone: &BillingZone, sched: &settle::SettleSchedule, l
 
 /// The settle run at `at`: recorded together with the empty runs after it if there is nothing to
 /// settle, else planned (or joined) and settled chunk by chunk.
-async fn settle_step(db: &Db, zone: &BillingZone, sched: &settle::SettleSchedule, lease_seconds: i64, now: i64, at: i64) -> Result<Step> {
+async fn settle_step(db: &Db, zone: &BillingZone, sched: &settle::Schedule, lease_seconds: i64, now: i64, at: i64) -> Result<Step> {
     // settle runs before the next daily run with nothing to settle are recorded together
-    let bound = match daily::next_due(db, zone).await? {
+    let bound = match daily::next_due(db, zone, &sched.daily_cron).await? {
         Some(d) => now.min(d - 1),
         None => now,
     };

@@ -1,36 +1,34 @@
 //! The hourly settle job: which runs are due (pure), and catching up to an instant, oldest first.
 
+use super::cron::CronSchedule;
 use crate::billing::zone::BillingZone;
 use crate::store::db::{Db, Kind};
 use crate::store::settle::SettleRun;
 use crate::store::world::SETTLE_JOB;
 use anyhow::Result;
 
-/// When the settle job runs and how long after its end an hour is settled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SettleSchedule {
+/// When the jobs run (cron expressions in the billing time zone), how long after its end an hour
+/// is settled, and how settlement is split.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    /// The settle job's runs (default every local full hour).
+    pub settle_cron: CronSchedule,
+    /// The daily job's runs (default 00:03:00 local).
+    pub daily_cron: CronSchedule,
     /// Seconds after an hour ends before it is settled (default 3600: 08:00-09:00 at 10:00).
     pub delay: i64,
     /// About this many pay-per-use resources are settled per chunk (one transaction, one claim).
     pub chunk_resources: usize,
 }
 
-impl Default for SettleSchedule {
+impl Default for Schedule {
     fn default() -> Self {
-        SettleSchedule {
+        Schedule {
+            settle_cron: CronSchedule::default_settle(),
+            daily_cron: CronSchedule::default_daily(),
             delay: 3600,
             chunk_resources: crate::store::settle::DEFAULT_CHUNK_RESOURCES,
         }
-    }
-}
-
-/// The first run instant at or after `t` (the job runs at every local full hour).
-pub fn run_at_or_after(zone: &BillingZone, t: i64) -> i64 {
-    let h = zone.hour_start(t);
-    if h == t {
-        t
-    } else {
-        zone.next_hour(h)
     }
 }
 
@@ -43,17 +41,19 @@ pub struct SettleState {
 }
 
 /// The next scheduled run, if there is anything to settle at all.
-pub fn next_run(zone: &BillingZone, sched: &SettleSchedule, st: &SettleState) -> Option<i64> {
+pub fn next_run(zone: &BillingZone, sched: &Schedule, st: &SettleState) -> Option<i64> {
     match (st.last_run, st.earliest_usage) {
-        (Some(r), _) => Some(zone.next_hour(zone.hour_start(r))),
-        (None, Some(e)) => Some(run_at_or_after(zone, zone.next_hour(zone.hour_start(e)) + sched.delay)),
+        (Some(r), _) => sched.settle_cron.next_after(zone, r),
+        (None, Some(e)) => sched
+            .settle_cron
+            .at_or_after(zone, zone.next_hour(zone.hour_start(e)) + sched.delay),
         (None, None) => None,
     }
 }
 
 /// Hours a run at `at` settles in order: from after the watermark (or the earliest usage) through
 /// the last hour that ended at least `delay` before `at`.
-pub fn hours_due(zone: &BillingZone, sched: &SettleSchedule, st: &SettleState, at: i64) -> Vec<i64> {
+pub fn hours_due(zone: &BillingZone, sched: &Schedule, st: &SettleState, at: i64) -> Vec<i64> {
     let mut h = match (st.watermark, st.earliest_usage) {
         (Some(w), _) => zone.next_hour(w),
         (None, Some(e)) => zone.hour_start(e),
@@ -85,7 +85,7 @@ pub async fn state(db: &Db) -> Result<SettleState> {
 }
 
 /// The next scheduled settle run with the hours it settles, if it is due by `now`.
-pub async fn plan_next(db: &Db, zone: &BillingZone, sched: &SettleSchedule, now: i64) -> Result<Option<SettleRun>> {
+pub async fn plan_next(db: &Db, zone: &BillingZone, sched: &Schedule, now: i64) -> Result<Option<SettleRun>> {
     let st = state(db).await?;
     let Some(at) = next_run(zone, sched, &st) else { return Ok(None) };
     if at > now {
@@ -101,7 +101,7 @@ pub async fn plan_next(db: &Db, zone: &BillingZone, sched: &SettleSchedule, now:
 }
 
 /// The runs due from the next one through `until`, each with the hours it settles.
-pub fn runs_through(zone: &BillingZone, sched: &SettleSchedule, st: &SettleState, until: i64) -> Vec<(i64, Vec<i64>)> {
+pub fn runs_through(zone: &BillingZone, sched: &Schedule, st: &SettleState, until: i64) -> Vec<(i64, Vec<i64>)> {
     let mut st = *st;
     let mut out = Vec::new();
     while let Some(at) = next_run(zone, sched, &st).filter(|at| *at <= until) {
@@ -117,7 +117,7 @@ pub fn runs_through(zone: &BillingZone, sched: &SettleSchedule, st: &SettleState
 
 /// Records every run due through `until` at once if none of them has anything to settle (an idle
 /// night, an empty year of catch-up). Returns how many runs it recorded (0: not applicable).
-pub async fn run_empty_span(db: &Db, zone: &BillingZone, sched: &SettleSchedule, until: i64) -> Result<usize> {
+pub async fn run_empty_span(db: &Db, zone: &BillingZone, sched: &Schedule, until: i64) -> Result<usize> {
     let st = state(db).await?;
     let runs = runs_through(zone, sched, &st, until);
     if runs.len() < 2 || runs.iter().any(|(_, h)| h.is_empty()) {
@@ -131,7 +131,7 @@ pub async fn run_empty_span(db: &Db, zone: &BillingZone, sched: &SettleSchedule,
 }
 
 /// The instant the next run is due, if any.
-pub async fn next_due(db: &Db, zone: &BillingZone, sched: &SettleSchedule) -> Result<Option<i64>> {
+pub async fn next_due(db: &Db, zone: &BillingZone, sched: &Schedule) -> Result<Option<i64>> {
     Ok(next_run(zone, sched, &state(db).await?))
 }
 
@@ -151,7 +151,7 @@ mod tests {
             earliest_usage: Some(at("2023-04-18T08:45:30Z")),
             ..Default::default()
         };
-        let s = SettleSchedule::default();
+        let s = Schedule::default();
         assert_eq!(next_run(&z, &s, &st), Some(at("2023-04-18T10:00:00Z")));
         assert_eq!(hours_due(&z, &s, &st, at("2023-04-18T10:00:00Z")), vec![at("2023-04-18T08:00:00Z")]);
         let st = SettleState {
@@ -170,6 +170,6 @@ mod tests {
             earliest_usage: Some(at("2024-01-01T10:10:00Z")),
             ..Default::default()
         };
-        assert_eq!(next_run(&z, &SettleSchedule::default(), &st), Some(at("2024-01-01T11:30:00Z")));
+        assert_eq!(next_run(&z, &Schedule::default(), &st), Some(at("2024-01-01T11:30:00Z")));
     }
 }
