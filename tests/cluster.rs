@@ -342,3 +342,107 @@ async fn topups_during_a_run_are_never_lost() {
         eprintln!("{name}: 48 top-ups during a catch-up (still running after them: {tick_was_running}); every balance adds up");
     }
 }
+
+/// A daemon started after 30 hours down (its world began 31 hours ago on the wall clock) settles
+/// the missed hours in order, with the daily run in between, and ends with the ledger and outbox
+/// of a process that ran at every scheduled instant.
+#[tokio::test]
+async fn a_daemon_back_from_30_hours_down_catches_up_in_order() {
+    let wall = chrono::Utc::now().timestamp();
+    let h0 = wall - wall.rem_euclid(3600) - 31 * 3600;
+    let iso = |t: i64| chrono::DateTime::from_timestamp(t, 0).unwrap().to_rfc3339();
+    let mut res = Vec::new();
+    for r in 0..20 {
+        res.push(format!(
+            r#"{{"id": "vm{r:02}", "account": "a{}", "plan": "p", "mode": "pay_per_use", "quantity": {}, "created_at": "{}"}}"#,
+            r % 4,
+            1 + r % 3,
+            iso(h0 + 600 + r * 97)
+        ));
+    }
+    // a monthly subscription expiring in a few days: the daily run renews it and alerts
+    res.push(format!(
+        r#"{{"id": "sub", "account": "a0", "plan": "p", "mode": "monthly", "purchased_at": "{}", "auto_renew": true}}"#,
+        iso(h0 - 27 * 86_400)
+    ));
+    let doc_text = format!(
+        r#"{{"accounts": [{}], "plans": [{{"id": "p", "product": "KooPhone", "hourly": {{"instance": "0.36"}}, "monthly": "9.90"}}], "resources": [{}]}}"#,
+        (0..4)
+            .map(|a| format!(r#"{{"id": "a{a}", "balance": "80.00"}}"#))
+            .collect::<Vec<_>>()
+            .join(","),
+        res.join(",")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("world.json");
+    std::fs::write(&doc, doc_text).unwrap();
+    for name in common::available() {
+        let down = common::fresh(name).await;
+        assert!(billrun(&down.url).arg("load").arg(&doc).status().unwrap().success());
+        let daemon = billrun(&down.url)
+            .args(["run", "--poll-seconds", "1"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // caught up: the settle run of the current hour is recorded
+        let caught_up = chrono::Utc::now().timestamp();
+        let target = caught_up - caught_up.rem_euclid(3600);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let db = billrun::store::db::Db::connect(&down.url).await.unwrap();
+        let runs = |job: &'static str| {
+            let db = db.clone();
+            async move {
+                db.rows(
+                    "SELECT scheduled_at FROM job_runs WHERE job = $1 AND outcome = 'ok' ORDER BY scheduled_at",
+                    vec![job.into()],
+                    &[billrun::store::db::Kind::Int],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.int(0))
+                .collect::<Vec<i64>>()
+            }
+        };
+        while runs("settle").await.last().copied().unwrap_or(0) < target && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        signal(&daemon, "-TERM");
+        let out = daemon.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let (settles, dailies) = (runs("settle").await, runs("daily").await);
+        db.close().await;
+        assert!(settles.len() >= 29, "{name}: {} settle runs", settles.len());
+        assert!(settles.windows(2).all(|w| w[1] - w[0] == 3600), "{name}: every hour, in order");
+        assert!(!dailies.is_empty(), "{name}: the daily run in between");
+        // the reference never stopped: a tick at every scheduled instant, settle and daily
+        let always = common::fresh(name).await;
+        assert!(billrun(&always.url).arg("load").arg(&doc).status().unwrap().success());
+        let mut instants: Vec<i64> = settles.iter().chain(&dailies).copied().collect();
+        instants.sort();
+        for t in instants {
+            assert!(billrun(&always.url)
+                .args(["tick", "--now", &iso(t)])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap()
+                .success());
+        }
+        let export = |url: &str| String::from_utf8(billrun(url).arg("export").output().unwrap().stdout).unwrap();
+        let notes = |url: &str| String::from_utf8(billrun(url).args(["notifications", "--json"]).output().unwrap().stdout).unwrap();
+        let csv = export(&down.url);
+        assert!(
+            csv.lines().count() > 400,
+            "{name}: a busy day and a half: {} lines",
+            csv.lines().count()
+        );
+        assert_eq!(csv, export(&always.url), "{name}: the same ledger as a process that never stopped");
+        let strip = |s: String| s.replace("\"delivered\"", "\"pending\"");
+        assert_eq!(strip(notes(&down.url)), strip(notes(&always.url)), "{name}: the same notifications");
+        eprintln!(
+            "{name}: back after 30 h down: {} settle runs (hourly, in order) and {} daily runs; ledger equals the never-stopped one",
+            settles.len(),
+            dailies.len()
+        );
+    }
+}
