@@ -5,7 +5,7 @@ use crate::billing::model::{BillingMode, LedgerLine, TransactionType};
 use anyhow::{Context, Result};
 
 /// The ledger's columns: the CSV's, then what a line keeps for re-settlement and `explain`.
-fn line_columns() -> &'static [&'static str] {
+pub fn line_columns() -> &'static [&'static str] {
     static COLUMNS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
     COLUMNS.get_or_init(|| {
         crate::export::COLUMNS
@@ -51,7 +51,7 @@ const LINE_KINDS: &[Kind] = &[
     Kind::Text,
 ];
 
-fn line_row(l: &LedgerLine) -> Vec<Val> {
+pub fn line_row(l: &LedgerLine) -> Vec<Val> {
     vec![
         l.transaction_id.clone().into(),
         l.transaction_time.into(),
