@@ -169,7 +169,8 @@ impl Billing {
         let line = ledger::line(&self.db, transaction_id)
             .await?
             .ok_or_else(|| InputError(format!("TRANSACTION_ID: no transaction {transaction_id:?}")))?;
-        let inputs: serde_json::Value = serde_json::from_str(&line.explain).context("stored explanation")?;
+        let stored: serde_json::Value = serde_json::from_str(&line.explain).context("stored explanation")?;
+        let inputs = crate::billing::settle::expand_explain(&line, stored);
         Ok(Explanation {
             text: explain_text(self, &line, &inputs),
             json: explain_json(self, &line, inputs),

@@ -150,10 +150,13 @@ pub struct ExportFilter {
     pub account: Option<String>,
 }
 
-/// Streams the lines with `transaction_time` in [from, to), by time then id.
+/// Streams the lines with `transaction_time` in [from, to), by time then id, with the CSV's
+/// columns only (what a line keeps for re-settlement and `explain` is left empty: the export
+/// reads a tenth of the bytes).
 pub async fn stream_lines(db: &Db, f: &ExportFilter, mut each: impl FnMut(LedgerLine) -> Result<()>) -> Result<u64> {
+    let csv_columns = crate::export::COLUMNS.join(", ");
     let sql = format!(
-        "{SELECT_LINE} WHERE transaction_time >= $1 AND transaction_time < $2 AND ($3 = '' OR account_id = $3) ORDER BY transaction_time, transaction_id"
+        "SELECT {csv_columns}, CAST(NULL AS BIGINT), '', CAST(0 AS BIGINT), '', CAST(0 AS BIGINT), '' FROM ledger WHERE transaction_time >= $1 AND transaction_time < $2 AND ($3 = '' OR account_id = $3) ORDER BY transaction_time, transaction_id"
     );
     let args = vec![
         f.from.unwrap_or(i64::MIN).into(),

@@ -327,7 +327,30 @@ async fn settle_chunk(
     let range = plan.range(k);
     let plans = all_plans(&mut tx).await?;
     let periods = arrears_periods(&mut tx).await?;
-    let mut books: HashMap<String, AccountBook> = HashMap::new();
+    // the chunk's accounts, read (and on PostgreSQL locked, in id order) in one statement; later
+    // hours of the run continue from their balance
+    let (cond, extra) = range_sql("account_id", range, 1);
+    let lock = if tx.backend() == Backend::Postgres {
+        "ORDER BY id FOR UPDATE"
+    } else {
+        ""
+    };
+    let mut books: HashMap<String, AccountBook> = tx
+        .rows(
+            sqlx::AssertSqlSafe(format!(
+                "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts \
+                 WHERE id IN (SELECT account_id FROM resources WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL){cond}) {lock}"
+            )),
+            extra,
+            ACCOUNT_KINDS,
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            let a = account_of(r);
+            (a.id.clone(), AccountBook::new(a))
+        })
+        .collect();
     let mut events: Vec<ArrearsEvent> = Vec::new();
     let mut lines = Vec::new();
     for &hour in &plan.hours {
@@ -487,8 +510,7 @@ async fn settle_hour(
         })
         .collect();
     let posted_lines = ledger::hour_lines(tx, hour, range).await?;
-    // the accounts of the hour, read (and on PostgreSQL locked, in id order) once per chunk; later
-    // hours of the run continue from their balance
+    // accounts not read with the chunk (none, unless a resource moved): read them now
     let mut account_ids: Vec<String> = resources
         .values()
         .map(|r| r.account_id.clone())
