@@ -517,3 +517,50 @@ async fn a_zone_other_than_the_stored_one_is_refused() {
     })
     .await;
 }
+
+/// Clock edges: a spring-forward local day bills 23 hours in 23 hourly runs and a fall-back day 25
+/// in 25, each hour 3600 s; a `tick` to an instant before the last run changes nothing.
+#[tokio::test]
+async fn dst_days_bill_23_and_25_hours_and_time_never_runs_backwards() {
+    const VM: &str = r#"{
+      "accounts": [{"id": "eu", "balance": "1000.00", "currency": "EUR"}],
+      "plans": [{"id": "vm", "product": "KooPhone", "hourly": {"instance": "0.36"}}],
+      "resources": [
+        {"id": "spring", "account": "eu", "plan": "vm", "mode": "pay_per_use",
+         "created_at": "2024-03-30T12:00:00+01:00", "deleted_at": "2024-04-01T00:00:00+02:00"},
+        {"id": "autumn", "account": "eu", "plan": "vm", "mode": "pay_per_use",
+         "created_at": "2024-10-26T12:00:00+02:00", "deleted_at": "2024-10-28T00:00:00+01:00"}]
+    }"#;
+    on_each_backend(async |be| {
+        let b = be.open("Europe/Berlin").await;
+        b.load_json("vm.json", VM).await.unwrap();
+        b.tick(t("2024-11-01T00:00:00+01:00"), |_, _| {}).await.unwrap();
+        let rows = rows(&csv(&b).await);
+        let on = |day: &str| -> Vec<&HashMap<String, String>> { rows.iter().filter(|r| r["period_start"].starts_with(day)).collect() };
+        // 2024-03-31: 00:00+01:00 .. 01:00+01:00, then 03:00+02:00 .. 23:00+02:00
+        let spring = on("2024-03-31");
+        assert_eq!(spring.len(), 23, "{}", be.name);
+        assert!(spring.iter().all(|r| r["usage_seconds"] == "3600" && r["amount_due"] == "0.36"));
+        assert!(spring
+            .iter()
+            .any(|r| r["period_start"] == "2024-03-31T01:00:00+01:00" && r["period_end"] == "2024-03-31T03:00:00+02:00"));
+        // 2024-10-27: 02:00 comes twice, once in summer time and once in winter time
+        let autumn = on("2024-10-27");
+        assert_eq!(autumn.len(), 25, "{}", be.name);
+        assert!(autumn.iter().all(|r| r["usage_seconds"] == "3600"));
+        assert!(autumn.iter().any(|r| r["period_start"] == "2024-10-27T02:00:00+02:00"));
+        assert!(autumn.iter().any(|r| r["period_start"] == "2024-10-27T02:00:00+01:00"));
+        // each hour was posted by its own run, at its own instant
+        let times: std::collections::BTreeSet<&str> = autumn.iter().map(|r| r["transaction_time"].as_str()).collect();
+        assert_eq!(times.len(), 25, "{}", be.name);
+        // time never runs backwards: a tick to an earlier instant does nothing
+        let before = csv(&b).await;
+        let back = b.tick(t("2024-06-01T00:00:00+02:00"), |_, _| {}).await.unwrap();
+        assert_eq!((back.settle_runs, back.daily_runs, back.lines), (0, 0, 0), "{}", be.name);
+        assert_eq!(csv(&b).await, before, "{}", be.name);
+        let status = b.status().await.unwrap();
+        let expected = Decimal::from(1000) - Decimal::new(36, 2) * Decimal::from(rows.len() as i64);
+        assert_eq!(status.accounts[0].balance, expected.to_string(), "{}", be.name);
+    })
+    .await;
+}
