@@ -181,15 +181,15 @@ async fn stream_lines_packed(db: &Db, f: &ExportFilter, each: &mut impl FnMut(Le
     let cols = crate::export::COLUMNS.join(", ");
     let sql = format!(
         "SELECT json_group_array(json_array({cols}) ORDER BY transaction_time, transaction_id), COUNT(*) FROM \
-         (SELECT {cols} FROM ledger WHERE transaction_time >= $1 AND transaction_time < $2 AND ($3 = '' OR account_id = $3) \
-         AND (transaction_time, transaction_id) > ($4, $5) ORDER BY transaction_time, transaction_id LIMIT {EXPORT_PAGE})"
+         (SELECT {cols} FROM ledger WHERE (transaction_time, transaction_id) > ($3, $4) AND transaction_time < $1 \
+         AND ($2 = '' OR account_id = $2) ORDER BY transaction_time, transaction_id LIMIT {EXPORT_PAGE})"
     );
     let kinds = &LINE_KINDS[..crate::export::COLUMNS.len()];
-    let (mut after_time, mut after_id) = (i64::MIN, String::new());
+    // each page seeks the index past the last key read (the first: from `from`, as no id is empty)
+    let (mut after_time, mut after_id) = (f.from.unwrap_or(i64::MIN), String::new());
     let mut n = 0;
     loop {
         let args = vec![
-            f.from.unwrap_or(i64::MIN).into(),
             f.to.unwrap_or(i64::MAX).into(),
             f.account.clone().unwrap_or_default().into(),
             after_time.into(),

@@ -33,6 +33,19 @@ pub struct Claim {
     pub attempt: i64,
 }
 
+impl Claim {
+    /// The arguments $1..$4 of a statement that acts only while this claim holds:
+    /// `job = $1 AND scheduled_at = $2 AND owner = $3 AND attempt = $4`.
+    fn key(&self) -> Vec<super::db::Val> {
+        vec![
+            self.job.clone().into(),
+            self.at.into(),
+            self.owner.clone().into(),
+            self.attempt.into(),
+        ]
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClaimResult {
     Claimed(Claim),
@@ -107,13 +120,7 @@ pub(crate) async fn open(tx: &mut Tx, c: &Claim, plan: &str) -> Result<()> {
         .exec(
             "UPDATE job_runs SET outcome = 'chunked', detail = $5, lease_until = NULL \
              WHERE job = $1 AND scheduled_at = $2 AND owner = $3 AND attempt = $4 AND outcome = 'running'",
-            vec![
-                c.job.clone().into(),
-                c.at.into(),
-                c.owner.clone().into(),
-                c.attempt.into(),
-                plan.into(),
-            ],
+            [c.key(), vec![plan.into()]].concat(),
         )
         .await?;
     if n == 0 {
@@ -143,7 +150,7 @@ pub async fn renew(db: &Db, c: &Claim, lease_seconds: i64) -> Result<bool> {
     let n = db
         .exec(
             "UPDATE job_runs SET lease_until = $5 WHERE job = $1 AND scheduled_at = $2 AND owner = $3 AND attempt = $4 AND outcome = 'running'",
-            vec![c.job.clone().into(), c.at.into(), c.owner.clone().into(), c.attempt.into(), (clock::wall_now() + lease_seconds).into()],
+            [c.key(), vec![(clock::wall_now() + lease_seconds).into()]].concat(),
         )
         .await?;
     Ok(n > 0)
@@ -153,7 +160,7 @@ pub async fn renew(db: &Db, c: &Claim, lease_seconds: i64) -> Result<bool> {
 pub async fn release(db: &Db, c: &Claim) -> Result<()> {
     db.exec(
         "UPDATE job_runs SET lease_until = 0 WHERE job = $1 AND scheduled_at = $2 AND owner = $3 AND attempt = $4 AND outcome = 'running'",
-        vec![c.job.clone().into(), c.at.into(), c.owner.clone().into(), c.attempt.into()],
+        c.key(),
     )
     .await?;
     Ok(())
@@ -198,16 +205,16 @@ pub(crate) async fn finish(tx: &mut Tx, c: &Claim, lines: usize, amount_due: Dec
         .exec(
             "UPDATE job_runs SET outcome = 'ok', finished_at = $5, lines = $6, amount_due = $7, detail = $8 \
              WHERE job = $1 AND scheduled_at = $2 AND owner = $3 AND attempt = $4 AND outcome = 'running'",
-            vec![
-                c.job.clone().into(),
-                c.at.into(),
-                c.owner.clone().into(),
-                c.attempt.into(),
-                clock::wall_now().into(),
-                (lines as i64).into(),
-                amount_due.into(),
-                detail.to_string().into(),
-            ],
+            [
+                c.key(),
+                vec![
+                    clock::wall_now().into(),
+                    (lines as i64).into(),
+                    amount_due.into(),
+                    detail.to_string().into(),
+                ],
+            ]
+            .concat(),
         )
         .await?;
     if n == 0 {
