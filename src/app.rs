@@ -207,11 +207,12 @@ impl Billing {
             })
             .collect();
         let resources = self.resource_states(as_of).await?;
+        // chunk rows (`<job>#NNNNN`) are parts of a run, not jobs of their own
         let jobs = self
             .db
             .rows(
                 "SELECT CASE WHEN job LIKE 'settle-hour:%' THEN 'settle-hour' ELSE job END AS j, MAX(scheduled_at), COUNT(*), \
-                 SUM(CASE WHEN outcome = 'ok' THEN 0 ELSE 1 END) FROM job_runs GROUP BY j ORDER BY j",
+                 SUM(CASE WHEN outcome = 'ok' THEN 0 ELSE 1 END) FROM job_runs WHERE job NOT LIKE '%#%' GROUP BY j ORDER BY j",
                 vec![],
                 &[Kind::Text, Kind::Int, Kind::Int, Kind::Int],
             )

@@ -331,6 +331,13 @@ async fn topups_during_a_run_are_never_lost() {
         }
         let status: serde_json::Value =
             serde_json::from_slice(&billrun(&be.url).args(["status", "--json"]).output().unwrap().stdout).unwrap();
+        let jobs: Vec<&str> = status["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["job"].as_str().unwrap())
+            .collect();
+        assert_eq!(jobs, ["daily", "settle"], "{name}: chunks are parts of runs, not jobs");
         for a in status["accounts"].as_array().unwrap() {
             let id = a["id"].as_str().unwrap();
             let n: usize = id[4..].parse().unwrap();
