@@ -366,10 +366,13 @@ async fn late_usage_is_resettled_by_the_next_run() {
     .await;
 }
 
+/// Hundreds of nested arrays: refused by the parser's depth limit (128), not by a stack overflow.
+const DEEP: &str = concat!("{\"accounts\": ", "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[", "}");
+
 #[tokio::test]
 async fn bad_input_exits_2_and_changes_nothing() {
     let base = r#"{"accounts": [{"id": "acme", "balance": "10.00"}],
-      "plans": [{"id": "pp", "product": "KooPhone", "hourly": {"instance": "0.36"}}, {"id": "dr", "product": "KooDrive", "hourly": {"users": "0.012"}}],
+      "plans": [{"id": "pp", "product": "KooPhone", "hourly": {"instance": "0.36"}, "monthly": "9.90"}, {"id": "dr", "product": "KooDrive", "hourly": {"users": "0.012"}}],
       "resources": [{"id": "d1", "account": "acme", "plan": "dr", "mode": "pay_per_use", "created_at": "2024-01-01T00:00:00Z"}]}"#;
     let cases: &[(&str, &str)] = &[
         (r#"{"accounts": [{"id": "new", "balance": "1.00", "colour": "red"}]}"#, "colour"),
@@ -446,6 +449,74 @@ async fn bad_input_exits_2_and_changes_nothing() {
             "positive",
         ),
         ("not json", "doc.json"),
+        // hostile values: each names the field and the rule
+        (
+            r#"{"plans": [{"id": "p30", "product": "X", "hourly": {"instance": "0.123456789012345678901234567890"}}]}"#,
+            "has 30 decimal places",
+        ),
+        (
+            r#"{"usage": [{"resource": "d1", "item": "users", "quantity": "1.000000000000000000000000001", "from": "2024-01-01T00:00:00Z", "to": "2024-01-01T01:00:00Z"}]}"#,
+            "at most 8 are allowed",
+        ),
+        (
+            r#"{"topups": [{"account": "acme", "amount": "Infinity", "at": "2024-01-01T00:00:00Z"}]}"#,
+            "`Infinity` is not a decimal",
+        ),
+        (
+            r#"{"accounts": [{"id": "n", "balance": 10.5}]}"#,
+            "accounts[0].balance: invalid type: floating point",
+        ),
+        (r#"{"accounts": [{"id": "t", "balance": "1e3"}]}"#, "`1e3` is not a decimal"),
+        (r#"{"accounts": [{"id": "t", "balance": "0x10"}]}"#, "`0x10` is not a decimal"),
+        (r#"{"accounts": [{"id": "t", "balance": "１０.00"}]}"#, "is not a decimal"),
+        (r#"{"accounts": [{"id": ""}]}"#, "must be 1 to 128 characters"),
+        (r#"{"accounts": [{"id": "t", "balance": "10.00", "grace_days": -1}]}"#, "grace_days"),
+        (
+            r#"{"resources": [{"id": "r2", "account": "acme", "plan": "pp", "mode": "pay_per_use", "quantity": "2", "created_at": "2024-01-01T00:00:00Z"}]}"#,
+            "resources[0].quantity: invalid type: string",
+        ),
+        (
+            r#"{"resources": [{"id": "r2", "account": "acme", "plan": "pp", "mode": "pay_per_use", "quantity": 1000000000000000000000000000000, "created_at": "2024-01-01T00:00:00Z"}]}"#,
+            "resources[0].quantity",
+        ),
+        (
+            r#"{"resources": [{"id": "r2", "account": "acme", "plan": "pp", "mode": "pay_per_use", "created_at": "1969-12-31T23:59:59Z"}]}"#,
+            "is outside 1970-01-01..2200-01-01",
+        ),
+        (
+            r#"{"resources": [{"id": "r2", "account": "acme", "plan": "pp", "mode": "pay_per_use", "created_at": "9999-01-01T00:00:00Z"}]}"#,
+            "is outside 1970-01-01..2200-01-01",
+        ),
+        (
+            r#"{"resources": [{"id": "r2", "account": "acme", "plan": "pp", "mode": "pay_per_use", "created_at": "2024-01-01T00:00:00.5Z"}]}"#,
+            "fractional seconds",
+        ),
+        (
+            r#"{"usage": [{"resource": "d1", "item": "users", "quantity": "1", "from": "2024-01-01T00:00:00+25:00", "to": "2024-01-01T01:00:00Z"}]}"#,
+            "is not an RFC 3339 instant",
+        ),
+        (
+            r#"{"resources": [{"id": "r2", "account": "acme", "plan": "pp", "mode": "weekly", "created_at": "2024-01-01T00:00:00Z"}]}"#,
+            "`weekly` is not pay_per_use, monthly or yearly",
+        ),
+        (
+            r#"{"resources": [{"id": "s9", "account": "acme", "plan": "pp", "mode": "monthly", "periods": 0, "purchased_at": "2024-01-01T00:00:00Z"}]}"#,
+            "0 is not between 1 and 120",
+        ),
+        (
+            r#"{"resources": [{"id": "s9", "account": "acme", "plan": "pp", "mode": "monthly", "periods": 100000, "purchased_at": "2024-01-01T00:00:00Z"}]}"#,
+            "100000 is not between 1 and 120",
+        ),
+        (
+            r#"{"resources": [{"id": "s9", "account": "acme", "plan": "dr", "mode": "monthly", "purchased_at": "2024-01-01T00:00:00Z"}]}"#,
+            "has no monthly price",
+        ),
+        (
+            r#"{"topups": [{"account": "nobody", "amount": "5.00", "at": "2024-01-01T00:00:00Z"}]}"#,
+            "unknown account \"nobody\"",
+        ),
+        ("null", "invalid type: null"),
+        (DEEP, "recursion limit exceeded"),
     ];
     on_each_backend(async |be| {
         let b = be.open("UTC").await;
