@@ -2,7 +2,7 @@
 //! (renewal attempts, then lifecycle transitions, then expiry alerts) and the operator actions
 //! (renew, unsubscribe, to-ppu). Each is one transaction.
 
-use super::db::{Db, Kind, Row, Tx};
+use super::db::{Db, Kind, Row, Tx, Val};
 use super::ledger;
 use super::runs::{self, Claim};
 use super::world::{account_of, all_plans, notify_event, plan_of, record_arrears_events, save_accounts, Notice, ACCOUNT_KINDS};
@@ -77,20 +77,38 @@ async fn subscriptions(tx: &mut Tx, only: Option<&str>) -> Result<Vec<Subscripti
     rows.iter().map(sub_of).collect()
 }
 
+fn subscription_row(s: &Subscription) -> Vec<Val> {
+    vec![
+        s.id.clone().into(),
+        (s.months_paid as i64).into(),
+        s.expires_on().to_string().into(),
+        s.renewals_done.into(),
+        s.ppu_from.into(),
+        (s.ppu_at_expiry as i64).into(),
+        s.released_at.into(),
+        (s.auto_renew as i64).into(),
+    ]
+}
+
 async fn save_subscription(tx: &mut Tx, s: &Subscription) -> Result<()> {
     tx.exec(
         "UPDATE resources SET months_paid = $2, expires_on = $3, renewals_done = $4, ppu_from = $5, ppu_at_expiry = $6, \
          released_at = $7, auto_renew = $8 WHERE id = $1",
-        vec![
-            s.id.clone().into(),
-            (s.months_paid as i64).into(),
-            s.expires_on().to_string().into(),
-            s.renewals_done.into(),
-            s.ppu_from.into(),
-            (s.ppu_at_expiry as i64).into(),
-            s.released_at.into(),
-            (s.auto_renew as i64).into(),
-        ],
+        subscription_row(s),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Writes many subscriptions' state, many per statement (the daily run changes thousands).
+async fn save_subscriptions(tx: &mut Tx, subs: &[&Subscription]) -> Result<()> {
+    tx.values_statements(
+        "WITH v(id, months_paid, expires_on, renewals_done, ppu_from, ppu_at_expiry, released_at, auto_renew) AS (VALUES ",
+        8,
+        subs.iter().map(|s| subscription_row(s)).collect(),
+        ") UPDATE resources SET months_paid = v.months_paid, expires_on = v.expires_on, renewals_done = v.renewals_done, \
+         ppu_from = v.ppu_from, ppu_at_expiry = v.ppu_at_expiry, released_at = v.released_at, auto_renew = v.auto_renew \
+         FROM v WHERE resources.id = v.id",
     )
     .await?;
     Ok(())
@@ -357,9 +375,8 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
     )
     .await?;
 
-    for (sub, _) in subs.iter().zip(&changed).filter(|(_, c)| **c) {
-        save_subscription(&mut tx, sub).await?;
-    }
+    let changed_subs: Vec<&Subscription> = subs.iter().zip(&changed).filter(|(_, c)| **c).map(|(s, _)| s).collect();
+    save_subscriptions(&mut tx, &changed_subs).await?;
     ledger::post_lines(&mut tx, &out.lines).await?;
     let changed_books: Vec<_> = books.values().filter(|b| b.changed).map(|b| &b.account).collect();
     save_accounts(&mut tx, changed_books).await?;
