@@ -9,7 +9,7 @@
 use super::db::{Backend, Db, Kind, Tx};
 use super::ledger;
 use super::runs::{self, Claim, ClaimResult, LeaseKeeper};
-use super::world::{account_of, all_plans, record_arrears_events, resource_of, save_accounts, ACCOUNT_KINDS, SETTLE_JOB};
+use super::world::{account_of, all_plans, lock_books, record_arrears_events, resource_of, save_accounts, ACCOUNT_KINDS, SETTLE_JOB};
 use crate::billing::lifecycle::{arrears_transitions, unbillable_windows, ArrearsPeriod};
 use crate::billing::model::{LedgerLine, MeteredResource, Plan, UsageSegment};
 use crate::billing::settle::{desired_usage, post_drafts, reconcile, AccountBook, ArrearsEvent, PostedUsage, Unbillable};
@@ -330,27 +330,12 @@ async fn settle_chunk(
     // the chunk's accounts, read (and on PostgreSQL locked, in id order) in one statement; later
     // hours of the run continue from their balance
     let (cond, extra) = range_sql("account_id", range, 1);
-    let lock = if tx.backend() == Backend::Postgres {
-        "ORDER BY id FOR UPDATE"
-    } else {
-        ""
-    };
-    let mut books: HashMap<String, AccountBook> = tx
-        .rows(
-            sqlx::AssertSqlSafe(format!(
-                "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts \
-                 WHERE id IN (SELECT account_id FROM resources WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL){cond}) {lock}"
-            )),
-            extra,
-            ACCOUNT_KINDS,
-        )
-        .await?
-        .iter()
-        .map(|r| {
-            let a = account_of(r);
-            (a.id.clone(), AccountBook::new(a))
-        })
-        .collect();
+    let mut books = lock_books(
+        &mut tx,
+        &format!("SELECT account_id FROM resources WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL){cond}"),
+        extra,
+    )
+    .await?;
     let mut events: Vec<ArrearsEvent> = Vec::new();
     let mut lines = Vec::new();
     for &hour in &plan.hours {

@@ -5,7 +5,7 @@
 use super::db::{Db, Kind, Row, Tx, Val};
 use super::ledger;
 use super::runs::{self, Claim};
-use super::world::{account_of, all_plans, notify_event, plan_of, record_arrears_events, save_accounts, Notice, ACCOUNT_KINDS};
+use super::world::{all_plans, notify_event, plan_of, record_arrears_events, save_accounts, Notice};
 use crate::billing::lifecycle::{
     alert_days, days_until, expiry_transitions, refund_at, renewal_due, resource_arrears_transitions, ArrearsPeriod, PaidCycle, State,
 };
@@ -198,27 +198,12 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
     let mut out = DailyOutcome::default();
     let plans = all_plans(&mut tx).await?;
     // the balances it may move, locked in id order on PostgreSQL until it commits
-    let lock = if tx.backend() == crate::store::db::Backend::Postgres {
-        "FOR UPDATE"
-    } else {
-        ""
-    };
-    let mut books: HashMap<String, AccountBook> = tx
-        .rows(
-            sqlx::AssertSqlSafe(format!(
-                "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id IN \
-                 (SELECT account_id FROM resources WHERE mode <> 'pay_per_use' UNION SELECT account_id FROM arrears_periods) ORDER BY id {lock}"
-            )),
-            vec![],
-            ACCOUNT_KINDS,
-        )
-        .await?
-        .iter()
-        .map(|r| {
-            let a = account_of(r);
-            (a.id.clone(), AccountBook::new(a))
-        })
-        .collect();
+    let mut books = crate::store::world::lock_books(
+        &mut tx,
+        "SELECT account_id FROM resources WHERE mode <> 'pay_per_use' UNION SELECT account_id FROM arrears_periods",
+        vec![],
+    )
+    .await?;
     let mut events: Vec<ArrearsEvent> = Vec::new();
     let mut subs = subscriptions(&mut tx, None).await?;
     let mut changed = vec![false; subs.len()];

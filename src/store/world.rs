@@ -381,6 +381,28 @@ pub(crate) async fn account(tx: &mut Tx, id: &str) -> Result<Option<Account>> {
     Ok(tx.rows(sql, vec![id.into()], ACCOUNT_KINDS).await?.first().map(account_of))
 }
 
+/// The accounts whose id the subquery `ids` selects, as books to charge: on PostgreSQL locked in
+/// id order until the transaction ends (their balances are about to move).
+pub(crate) async fn lock_books(tx: &mut Tx, ids: &str, args: Vec<Val>) -> Result<std::collections::HashMap<String, AccountBook>> {
+    let lock = if tx.backend() == super::db::Backend::Postgres {
+        "ORDER BY id FOR UPDATE"
+    } else {
+        ""
+    };
+    let sql =
+        format!("SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id IN ({ids}) {lock}");
+    // `ids` is SQL written in this crate, with numbered placeholders for `args`
+    Ok(tx
+        .rows(sqlx::AssertSqlSafe(sql), args, ACCOUNT_KINDS)
+        .await?
+        .iter()
+        .map(|r| {
+            let a = account_of(r);
+            (a.id.clone(), AccountBook::new(a))
+        })
+        .collect())
+}
+
 /// Writes balance and arrears state of accounts, many per statement.
 pub(crate) async fn save_accounts(tx: &mut Tx, accounts: Vec<&Account>) -> Result<()> {
     let rows = accounts
