@@ -130,7 +130,16 @@ pub async fn run(db: &Db, zone: &BillingZone, run: &SettleRun, limits: Limits) -
         return dry_run(db, zone, run, limits).await;
     }
     let plan = match runs::claim(db, &run.job, run.at, limits.lease_seconds).await? {
-        ClaimResult::Claimed(c) => prepare(db, zone, run, &c, limits.chunk_resources).await?,
+        ClaimResult::Claimed(c) => match prepare(db, zone, run, &c, limits.chunk_resources).await {
+            Ok(plan) => plan,
+            Err(e) => {
+                // give the run back at once rather than make the others wait out the lease
+                if let Err(release_error) = runs::release(db, &c).await {
+                    tracing::warn!(error = %format!("{release_error:#}"), "could not release the claim of a run that failed to plan");
+                }
+                return Err(e.context("planning the run"));
+            }
+        },
         ClaimResult::Open(detail) => serde_json::from_str(&detail).with_context(|| format!("the stored plan of {}@{}", run.job, run.at))?,
         ClaimResult::Done => {
             return Ok(Progress::Done(SettleOutcome {
