@@ -384,8 +384,8 @@ fn val_text(v: &Val) -> String {
     }
 }
 
-/// N pay-per-use resources over `accounts` accounts, all created at H0 (quantities 1-3, an
-/// instance price and a usage segment on one in ten).
+/// N pay-per-use resources over `accounts` accounts, all created at H0 (quantities 1-3, two
+/// instance prices).
 fn write_ppu_world(path: &Path, n: usize, accounts: usize) -> Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     write!(f, r#"{{"accounts": ["#)?;

@@ -85,10 +85,7 @@ impl Billing {
                     // runs are done in order: wait for the holder to finish, or for its lease to expire
                     tracing::info!(job, run = %self.fmt(at), owner, lease_until = %self.fmt(lease_until), "waiting for another runner");
                     total.waited += 1;
-                    tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
-                        _ = crate::shutdown::wait() => {}
-                    }
+                    crate::shutdown::pause(std::time::Duration::from_millis(100)).await;
                 }
                 Step::Interrupted | Step::Idle => break,
             }
@@ -143,10 +140,7 @@ impl Billing {
                 Progress::Held { job, owner, lease_until } => {
                     // another runner is on a part of it: wait for it, or for its lease to expire
                     tracing::info!(job, owner, lease_until = %self.fmt(lease_until), "waiting for another runner");
-                    tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
-                        _ = crate::shutdown::wait() => {}
-                    }
+                    crate::shutdown::pause(std::time::Duration::from_millis(100)).await;
                 }
             }
         }

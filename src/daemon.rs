@@ -68,10 +68,7 @@ pub async fn run(b: &Billing, poll_seconds: u64, metrics_addr: Option<std::net::
                 poll_seconds.min(10)
             }
         };
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(wait)) => {}
-            _ = crate::shutdown::wait() => {}
-        }
+        crate::shutdown::pause(Duration::from_secs(wait)).await;
     }
     tracing::info!("billrun daemon stopped");
     Ok(())

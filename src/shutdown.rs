@@ -30,6 +30,14 @@ pub async fn wait() {
     n.await
 }
 
+/// Sleeps for `d`, or less if shutdown is requested meanwhile.
+pub async fn pause(d: std::time::Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = wait() => {}
+    }
+}
+
 /// Installs the signal handlers (call once, inside the runtime).
 pub fn install() {
     tokio::spawn(async {

@@ -159,15 +159,28 @@ pub async fn stream_lines(db: &Db, f: &ExportFilter, mut each: impl FnMut(Ledger
     }
     let csv_columns = crate::export::COLUMNS.join(", ");
     let sql = format!(
-        "SELECT {csv_columns}, CAST(NULL AS BIGINT), '', CAST(0 AS BIGINT), '', CAST(0 AS BIGINT), '' FROM ledger WHERE \
-         transaction_time >= $1 AND transaction_time < $2 AND ($3 = '' OR account_id = $3) ORDER BY transaction_time, transaction_id"
+        "SELECT {csv_columns} FROM ledger WHERE transaction_time >= $1 AND transaction_time < $2 AND ($3 = '' OR account_id = $3) \
+         ORDER BY transaction_time, transaction_id"
     );
     let args = vec![
         f.from.unwrap_or(i64::MIN).into(),
         f.to.unwrap_or(i64::MAX).into(),
         f.account.clone().unwrap_or_default().into(),
     ];
-    db.stream(sqlx::AssertSqlSafe(sql), args, LINE_KINDS, |r| each(line_of(&r)?)).await
+    db.stream(sqlx::AssertSqlSafe(sql), args, csv_kinds(), |r| each(csv_line_of(r)?))
+        .await
+}
+
+/// The kinds of the CSV's columns, the first of the ledger's.
+fn csv_kinds() -> &'static [Kind] {
+    &LINE_KINDS[..crate::export::COLUMNS.len()]
+}
+
+/// A line from a row of the CSV's columns only; what the CSV does not show is left empty.
+fn csv_line_of(mut row: Row) -> Result<LedgerLine> {
+    row.0
+        .extend([Val::Int(None), "".into(), 0i64.into(), "".into(), 0i64.into(), "".into()]);
+    line_of(&row)
 }
 
 /// Rows per page of the SQLite export.
@@ -184,7 +197,6 @@ async fn stream_lines_packed(db: &Db, f: &ExportFilter, each: &mut impl FnMut(Le
          (SELECT {cols} FROM ledger WHERE (transaction_time, transaction_id) > ($3, $4) AND transaction_time < $1 \
          AND ($2 = '' OR account_id = $2) ORDER BY transaction_time, transaction_id LIMIT {EXPORT_PAGE})"
     );
-    let kinds = &LINE_KINDS[..crate::export::COLUMNS.len()];
     // each page seeks the index past the last key read (the first: from `from`, as no id is empty)
     let (mut after_time, mut after_id) = (f.from.unwrap_or(i64::MIN), String::new());
     let mut n = 0;
@@ -202,11 +214,7 @@ async fn stream_lines_packed(db: &Db, f: &ExportFilter, each: &mut impl FnMut(Le
         }
         let rows: Vec<Vec<serde_json::Value>> = serde_json::from_str(&page[0].text(0)).context("a packed page of the ledger")?;
         for values in rows {
-            let mut row = row_of_json(values, kinds)?;
-            // what the CSV does not show
-            row.0
-                .extend([Val::Int(None), "".into(), 0i64.into(), "".into(), 0i64.into(), "".into()]);
-            let line = line_of(&row)?;
+            let line = csv_line_of(row_of_json(values, csv_kinds())?)?;
             after_time = line.transaction_time;
             after_id.clone_from(&line.transaction_id);
             each(line)?;

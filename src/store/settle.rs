@@ -9,7 +9,7 @@
 use super::db::{Backend, Db, Kind, Tx};
 use super::ledger;
 use super::runs::{self, Claim, ClaimResult, LeaseKeeper};
-use super::world::{account_of, all_plans, lock_books, record_arrears_events, resource_of, save_accounts, ACCOUNT_KINDS, SETTLE_JOB};
+use super::world::{all_plans, lock_books, record_arrears_events, resource_of, save_accounts, SETTLE_JOB};
 use crate::billing::lifecycle::{arrears_transitions, unbillable_windows, ArrearsPeriod};
 use crate::billing::model::{LedgerLine, MeteredResource, Plan, UsageSegment};
 use crate::billing::settle::{desired_usage, post_drafts, reconcile, AccountBook, ArrearsEvent, PostedUsage, Unbillable};
@@ -504,32 +504,6 @@ async fn settle_hour(
         })
         .collect();
     let posted_lines = ledger::hour_lines(tx, hour, range).await?;
-    // accounts not read with the chunk (none, unless a resource moved): read them now
-    let mut account_ids: Vec<String> = resources
-        .values()
-        .map(|r| r.account_id.clone())
-        .chain(posted_lines.iter().map(|l| l.account_id.clone()))
-        .filter(|a| !books.contains_key(a))
-        .collect();
-    account_ids.sort();
-    account_ids.dedup();
-    let lock = if tx.backend() == Backend::Postgres {
-        "ORDER BY id FOR UPDATE"
-    } else {
-        ""
-    };
-    for r in tx
-        .rows_in(
-            "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id IN",
-            &account_ids,
-            lock,
-            ACCOUNT_KINDS,
-        )
-        .await?
-    {
-        let a = account_of(&r);
-        books.insert(a.id.clone(), AccountBook::new(a));
-    }
     // an account in arrears past its grace days has its pay-per-use resources frozen, then released
     let mut unbillable = Unbillable::new();
     for (account_id, list) in periods {
