@@ -2,7 +2,7 @@
 //! turned into a `Batch` that the store writes all at once. Every rejection names the record, the
 //! field and the reason.
 
-use crate::billing::model::{BillingMode, Plan};
+use crate::billing::model::{BillingMode, PackageTerms, PartPrices, Plan};
 use crate::billing::money::CENT_DP;
 use crate::billing::zone::parse_instant;
 use crate::error::InputError;
@@ -25,11 +25,11 @@ pub struct Document {
     #[serde(default)]
     pub topups: Vec<TopupDoc>,
     #[serde(default)]
-    pub packages: Vec<serde_json::Value>,
-    /// Whether `topups` came before `resources` in the document: purchases and top-ups are posted
-    /// in the document's order.
+    pub packages: Vec<PackageDoc>,
+    /// How many of the purchasing sections (`resources`, `packages`) come before `topups` in the
+    /// document: purchases and top-ups are posted in the document's order.
     #[serde(skip)]
-    pub topups_first: bool,
+    pub topups_after: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,7 +53,40 @@ pub struct PlanDoc {
     pub per_unit: BTreeMap<String, String>,
     pub monthly: Option<String>,
     pub yearly: Option<String>,
-    pub packages: Option<serde_json::Value>,
+    #[serde(default)]
+    pub packages: BTreeMap<String, PackageTermsDoc>,
+    #[serde(default)]
+    pub parts: BTreeMap<String, PartDoc>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageTermsDoc {
+    pub item: String,
+    pub quantity: String,
+    pub price: String,
+    pub months: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartDoc {
+    pub monthly: Option<String>,
+    pub yearly: Option<String>,
+}
+
+/// A prepaid package bought for a count-metered resource.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageDoc {
+    pub id: String,
+    pub resource: String,
+    pub package: String,
+    pub purchased_at: String,
+    pub periods: Option<i64>,
+    pub auto_renew: Option<bool>,
+    pub auto_renew_times: Option<i64>,
+    pub renew_days_before: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +104,7 @@ pub struct ResourceDoc {
     pub auto_renew: Option<bool>,
     pub auto_renew_times: Option<i64>,
     pub renew_days_before: Option<i64>,
+    pub parts: Option<BTreeMap<String, i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,12 +129,15 @@ pub struct TopupDoc {
 /// Parses one document; a structural error names its path (`resources[1].quantity`).
 pub fn parse_document(name: &str, text: &str) -> Result<Document, InputError> {
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| InputError(format!("{name}: {e}")))?;
-    let topups_first = match &value {
+    let topups_after = match &value {
         serde_json::Value::Object(m) => {
             let pos = |k: &str| m.keys().position(|x| x == k);
-            matches!((pos("topups"), pos("resources")), (Some(t), Some(r)) if t < r)
+            match pos("topups") {
+                None => 0,
+                Some(t) => ["resources", "packages"].iter().filter(|k| pos(k).is_some_and(|p| p < t)).count(),
+            }
         }
-        _ => false,
+        _ => 0,
     };
     let mut doc: Document = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
@@ -111,7 +148,7 @@ pub fn parse_document(name: &str, text: &str) -> Result<Document, InputError> {
             InputError(format!("{name}: {path}: {inner}"))
         }
     })?;
-    doc.topups_first = topups_first;
+    doc.topups_after = topups_after;
     Ok(doc)
 }
 
@@ -145,6 +182,30 @@ pub struct NewSubscription {
     pub auto_renew: bool,
     pub auto_renew_times: Option<i64>,
     pub renew_days_before: i64,
+    /// Expansion parts with their count (KooDrive editions).
+    pub parts: BTreeMap<String, i64>,
+}
+
+/// A prepaid package: a subscription of its own, covering units of the resource it serves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewPackage {
+    pub id: String,
+    pub serves: String,
+    pub account_id: String,
+    pub plan_id: String,
+    pub kind: String,
+    pub mode: BillingMode,
+    pub purchased_at: i64,
+    pub subscription: NewSubscription,
+}
+
+/// A count record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewCount {
+    pub resource_id: String,
+    pub item: String,
+    pub quantity: Decimal,
+    pub at: i64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -170,8 +231,11 @@ pub struct Batch {
     pub plans: Vec<Plan>,
     pub resources: Vec<NewResource>,
     pub segments: Vec<NewSegment>,
+    pub counts: Vec<NewCount>,
+    pub packages: Vec<NewPackage>,
     pub topups: Vec<NewTopup>,
-    pub topups_first: bool,
+    /// How many purchasing sections (resources, packages) are posted before the top-ups.
+    pub topups_after: usize,
 }
 
 /// A resource already in the database, as validation needs it.
@@ -211,6 +275,18 @@ impl Known {
                 },
             );
         }
+        for p in &b.packages {
+            self.resources.insert(
+                p.id.clone(),
+                KnownResource {
+                    account_id: p.account_id.clone(),
+                    plan_id: p.plan_id.clone(),
+                    mode: p.mode,
+                    created_at: p.purchased_at,
+                    deleted_at: None,
+                },
+            );
+        }
     }
 }
 
@@ -223,6 +299,7 @@ pub fn referenced_ids(doc: &Document) -> (Vec<String>, Vec<String>, Vec<String>)
     plans.extend(doc.resources.iter().map(|r| r.plan.clone()));
     let mut resources: Vec<String> = doc.resources.iter().map(|r| r.id.clone()).collect();
     resources.extend(doc.usage.iter().map(|u| u.resource.clone()));
+    resources.extend(doc.packages.iter().flat_map(|p| [p.id.clone(), p.resource.clone()]));
     for v in [&mut accounts, &mut plans, &mut resources] {
         v.sort();
         v.dedup();
@@ -345,20 +422,73 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
                 })
                 .transpose()
         };
-        if p.packages.is_some() {
-            return Err(InputError::field(
-                &r,
-                "packages",
-                "prepaid packages are not supported by this version of billrun",
-            ));
+        let per_unit = prices(&p.per_unit, "per_unit")?;
+        for item in per_unit.keys() {
+            if item.contains('@') {
+                return Err(InputError::field(
+                    &r,
+                    &format!("per_unit.{item}"),
+                    "an item name may not contain `@` (lines drawn from a package are named ITEM@PACKAGE)",
+                ));
+            }
+        }
+        let mut packages = BTreeMap::new();
+        for (kind, t) in &p.packages {
+            let f = |x: &str| format!("packages.{kind}.{x}");
+            check_id(&r, &format!("packages.{kind}"), kind)?;
+            if !per_unit.contains_key(&t.item) {
+                return Err(InputError::field(
+                    &r,
+                    &f("item"),
+                    format!("`{}` has no per_unit price in this plan to bill what exceeds the package", t.item),
+                ));
+            }
+            let quantity = parse_decimal(&t.quantity, MAX_DP).map_err(|e| InputError::field(&r, &f("quantity"), e))?;
+            if quantity <= Decimal::ZERO {
+                return Err(InputError::field(&r, &f("quantity"), "a package's quota must be positive"));
+            }
+            let price = parse_decimal(&t.price, MAX_DP).map_err(|e| InputError::field(&r, &f("price"), e))?;
+            if price < Decimal::ZERO {
+                return Err(InputError::field(&r, &f("price"), "a price may not be negative"));
+            }
+            if !(1..=120).contains(&t.months) {
+                return Err(InputError::field(
+                    &r,
+                    &f("months"),
+                    format!("{} is not between 1 and 120", t.months),
+                ));
+            }
+            packages.insert(
+                kind.clone(),
+                PackageTerms {
+                    item: t.item.clone(),
+                    quantity,
+                    price,
+                    months: t.months as u32,
+                },
+            );
+        }
+        let mut parts = BTreeMap::new();
+        for (part, d) in &p.parts {
+            check_id(&r, &format!("parts.{part}"), part)?;
+            let prices = PartPrices {
+                monthly: period_price(&d.monthly, &format!("parts.{part}.monthly"))?,
+                yearly: period_price(&d.yearly, &format!("parts.{part}.yearly"))?,
+            };
+            if prices.monthly.is_none() && prices.yearly.is_none() {
+                return Err(InputError::field(&r, &format!("parts.{part}"), "needs a monthly or a yearly price"));
+            }
+            parts.insert(part.clone(), prices);
         }
         let plan = Plan {
             id: p.id.clone(),
             product: p.product.clone(),
             hourly: prices(&p.hourly, "hourly")?,
-            per_unit: prices(&p.per_unit, "per_unit")?,
+            per_unit,
             monthly: period_price(&p.monthly, "monthly")?,
             yearly: period_price(&p.yearly, "yearly")?,
+            packages,
+            parts,
         };
         plans.insert(plan.id.clone(), plan.clone());
         b.plans.push(plan);
@@ -395,6 +525,7 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
                 ("auto_renew", x.auto_renew.is_some()),
                 ("auto_renew_times", x.auto_renew_times.is_some()),
                 ("renew_days_before", x.renew_days_before.is_some()),
+                ("parts", x.parts.is_some()),
             ] {
                 if present {
                     return Err(InputError::field(&r, f, "applies to yearly/monthly subscriptions, not pay_per_use"));
@@ -467,11 +598,39 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
                     format!("{renew_days_before} is not between 0 and 60"),
                 ));
             }
+            let mut parts = BTreeMap::new();
+            for (part, &count) in x.parts.iter().flatten() {
+                let prices = plan
+                    .parts
+                    .get(part)
+                    .ok_or_else(|| InputError::field(&r, &format!("parts.{part}"), format!("plan {:?} has no part {part:?}", x.plan)))?;
+                let priced = if mode == BillingMode::Monthly {
+                    prices.monthly
+                } else {
+                    prices.yearly
+                };
+                if priced.is_none() {
+                    return Err(InputError::field(
+                        &r,
+                        &format!("parts.{part}"),
+                        format!("plan {:?} has no {} price for part {part:?}", x.plan, mode.as_str()),
+                    ));
+                }
+                if !(1..=1000).contains(&count) {
+                    return Err(InputError::field(
+                        &r,
+                        &format!("parts.{part}"),
+                        format!("{count} is not a count from 1 to 1000"),
+                    ));
+                }
+                parts.insert(part.clone(), count);
+            }
             let sub = NewSubscription {
                 periods,
                 auto_renew: x.auto_renew.unwrap_or(false),
                 auto_renew_times: x.auto_renew_times,
                 renew_days_before,
+                parts,
             };
             (purchased_at, None, Some(sub))
         };
@@ -497,6 +656,7 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
         });
     }
     let mut readings = HashSet::new();
+    let mut counts = HashSet::new();
     for (i, u) in doc.usage.iter().enumerate() {
         let r = rec("usage", i, None);
         let Some(res) = resources.get(&u.resource) else {
@@ -514,12 +674,49 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
             ));
         }
         let plan = &plans[&res.plan_id];
-        if u.at.is_some() {
-            return Err(InputError::field(
-                &r,
-                "at",
-                "count-metered usage is not supported by this version of billrun",
-            ));
+        if let Some(at) = &u.at {
+            for (f, present) in [("from", u.from.is_some()), ("to", u.to.is_some())] {
+                if present {
+                    return Err(InputError::field(
+                        &r,
+                        f,
+                        "a count record gives `at`; `from` and `to` are for usage segments",
+                    ));
+                }
+            }
+            if !plan.per_unit.contains_key(&u.item) {
+                return Err(InputError::field(
+                    &r,
+                    "item",
+                    format!("plan {:?} has no per_unit price for `{}`", res.plan_id, u.item),
+                ));
+            }
+            let quantity = parse_decimal(&u.quantity, MAX_DP).map_err(|e| InputError::field(&r, "quantity", e))?;
+            if quantity < Decimal::ZERO {
+                return Err(InputError::field(&r, "quantity", "may not be negative"));
+            }
+            let at = parse_instant(at).map_err(|e| InputError::field(&r, "at", e))?;
+            if at < res.created_at || res.deleted_at.is_some_and(|d| at >= d) {
+                return Err(InputError::field(
+                    &r,
+                    "at",
+                    format!("the record lies outside resource {:?}'s lifetime", u.resource),
+                ));
+            }
+            if !counts.insert((u.resource.clone(), u.item.clone(), at)) {
+                return Err(InputError::field(
+                    &r,
+                    "at",
+                    "a second count for the same resource, item and instant in one load",
+                ));
+            }
+            b.counts.push(NewCount {
+                resource_id: u.resource.clone(),
+                item: u.item.clone(),
+                quantity,
+                at,
+            });
+            continue;
         }
         if u.item == crate::billing::settle::INSTANCE_ITEM {
             return Err(InputError::field(
@@ -529,10 +726,15 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
             ));
         }
         if !plan.hourly.contains_key(&u.item) {
+            let hint = if plan.per_unit.contains_key(&u.item) {
+                " (it is count-metered: give `at` instead of `from`/`to`)"
+            } else {
+                ""
+            };
             return Err(InputError::field(
                 &r,
                 "item",
-                format!("plan {:?} has no hourly price for `{}`", res.plan_id, u.item),
+                format!("plan {:?} has no hourly price for `{}`{hint}", res.plan_id, u.item),
             ));
         }
         let quantity = parse_decimal(&u.quantity, MAX_DP).map_err(|e| InputError::field(&r, "quantity", e))?;
@@ -572,6 +774,91 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
             to,
         });
     }
+    for (i, k) in doc.packages.iter().enumerate() {
+        let r = rec("packages", i, Some(&k.id));
+        check_id(&r, "id", &k.id)?;
+        if resources.contains_key(&k.id) {
+            return Err(InputError::field(
+                &r,
+                "id",
+                "duplicate id (packages and resources share one set of ids)",
+            ));
+        }
+        let Some(res) = resources.get(&k.resource) else {
+            return Err(InputError::field(&r, "resource", format!("unknown resource {:?}", k.resource)));
+        };
+        if res.mode != BillingMode::PayPerUse {
+            return Err(InputError::field(
+                &r,
+                "resource",
+                format!(
+                    "{:?} is not pay_per_use; a package covers the metered units of a pay_per_use resource",
+                    k.resource
+                ),
+            ));
+        }
+        let plan = &plans[&res.plan_id];
+        let Some(terms) = plan.packages.get(&k.package) else {
+            return Err(InputError::field(
+                &r,
+                "package",
+                format!("plan {:?} has no package {:?}", res.plan_id, k.package),
+            ));
+        };
+        let purchased_at = parse_instant(&k.purchased_at).map_err(|e| InputError::field(&r, "purchased_at", e))?;
+        if res.deleted_at.is_some_and(|d| purchased_at >= d) {
+            return Err(InputError::field(
+                &r,
+                "purchased_at",
+                format!("resource {:?} is deleted by then", k.resource),
+            ));
+        }
+        let periods = k.periods.unwrap_or(1);
+        if !(1..=120).contains(&periods) {
+            return Err(InputError::field(&r, "periods", format!("{periods} is not between 1 and 120")));
+        }
+        if let Some(t) = k.auto_renew_times {
+            if !(0..=1000).contains(&t) {
+                return Err(InputError::field(&r, "auto_renew_times", format!("{t} is not between 0 and 1000")));
+            }
+        }
+        let renew_days_before = k.renew_days_before.unwrap_or(7);
+        if !(0..=60).contains(&renew_days_before) {
+            return Err(InputError::field(
+                &r,
+                "renew_days_before",
+                format!("{renew_days_before} is not between 0 and 60"),
+            ));
+        }
+        let account_id = res.account_id.clone();
+        let plan_id = res.plan_id.clone();
+        resources.insert(
+            k.id.clone(),
+            KnownResource {
+                account_id: account_id.clone(),
+                plan_id: plan_id.clone(),
+                mode: terms.mode(),
+                created_at: purchased_at,
+                deleted_at: None,
+            },
+        );
+        b.packages.push(NewPackage {
+            id: k.id.clone(),
+            serves: k.resource.clone(),
+            account_id,
+            plan_id,
+            kind: k.package.clone(),
+            mode: terms.mode(),
+            purchased_at,
+            subscription: NewSubscription {
+                periods,
+                auto_renew: k.auto_renew.unwrap_or(false),
+                auto_renew_times: k.auto_renew_times,
+                renew_days_before,
+                parts: BTreeMap::new(),
+            },
+        });
+    }
     for (i, t) in doc.topups.iter().enumerate() {
         let r = rec("topups", i, None);
         if !accounts_known(&t.account) {
@@ -588,14 +875,7 @@ pub fn validate(doc: &Document, known: &Known) -> Result<Batch, InputError> {
             at,
         });
     }
-    b.topups_first = doc.topups_first;
-    if !doc.packages.is_empty() {
-        return Err(InputError::field(
-            "packages[0]",
-            "package",
-            "prepaid packages are not supported by this version of billrun",
-        ));
-    }
+    b.topups_after = doc.topups_after;
     Ok(b)
 }
 
@@ -646,7 +926,7 @@ mod tests {
         assert!(err(&negative).contains("plans[0] (id \"drive\"): field `hourly.storage_gb`: a price may not be negative"));
         let unknown_ref = DOC.replace(r#""resource": "d1""#, r#""resource": "d9""#);
         assert!(err(&unknown_ref).contains("usage[0]: field `resource`: unknown resource \"d9\""));
-        let deep = format!("{{\"packages\": [{}{}]}}", "[".repeat(5000), "]".repeat(5000));
+        let deep = format!("{{\"usage\": [{}{}]}}", "[".repeat(5000), "]".repeat(5000));
         assert!(err(&deep).contains("recursion limit"), "{}", err(&deep));
     }
 }

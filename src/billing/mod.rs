@@ -2,6 +2,7 @@
 pub mod lifecycle;
 pub mod model;
 pub mod money;
+pub mod packages;
 pub mod prepaid;
 pub mod settle;
 pub mod zone;

@@ -16,6 +16,48 @@ pub struct Plan {
     pub per_unit: BTreeMap<String, Decimal>,
     pub monthly: Option<Decimal>,
     pub yearly: Option<Decimal>,
+    /// Prepaid packages of count-metered units, by kind (`email-10k`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub packages: BTreeMap<String, PackageTerms>,
+    /// Expansion parts of a yearly/monthly edition (KooDrive storage and user packs), by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parts: BTreeMap<String, PartPrices>,
+}
+
+/// One kind of prepaid package: `quantity` units of `item` for each period of `months` months.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PackageTerms {
+    pub item: String,
+    pub quantity: Decimal,
+    pub price: Decimal,
+    pub months: u32,
+}
+
+impl PackageTerms {
+    /// A package of whole years is billed as yearly, any other as monthly.
+    pub fn mode(&self) -> BillingMode {
+        if self.months % 12 == 0 {
+            BillingMode::Yearly
+        } else {
+            BillingMode::Monthly
+        }
+    }
+}
+
+/// Prices of one expansion part per period.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PartPrices {
+    pub monthly: Option<Decimal>,
+    pub yearly: Option<Decimal>,
+}
+
+/// A count record: `quantity` units of `item` used at instant `at`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UsageCount {
+    pub resource_id: String,
+    pub item: String,
+    pub quantity: Decimal,
+    pub at: i64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

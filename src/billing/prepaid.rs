@@ -2,13 +2,14 @@
 //! and refund lines it posts.
 
 use super::lifecycle::{add_months, cycle_end, months_per_period};
-use super::model::{BillingMode, LedgerLine, Plan, TransactionType};
+use super::model::{BillingMode, LedgerLine, PartPrices, Plan, TransactionType};
 use super::money::{amount_due, fmt_cents, fmt_plain, mul_div_round, Overflow};
 use super::settle::{transaction_id, AccountBook, ArrearsEvent};
 use super::zone::BillingZone;
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
 use serde_json::json;
+use std::collections::BTreeMap;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Subscription {
@@ -28,6 +29,11 @@ pub struct Subscription {
     pub ppu_from: Option<i64>,
     pub ppu_at_expiry: bool,
     pub released_at: Option<i64>,
+    /// A prepaid package: its kind in the plan, and the metered resource whose units it covers.
+    pub package: Option<String>,
+    pub serves: Option<String>,
+    /// Expansion parts bought with the edition, by name, with their count.
+    pub parts: BTreeMap<String, i64>,
 }
 
 impl Subscription {
@@ -58,6 +64,45 @@ pub fn period_price(plan: &Plan, mode: BillingMode) -> Option<Decimal> {
     }
 }
 
+/// The price of one period of one instance of a subscription: the package's price, or the
+/// edition's price plus its expansion parts (price x count each).
+pub fn unit_price(plan: &Plan, sub: &Subscription) -> Result<Decimal, String> {
+    if let Some(kind) = &sub.package {
+        return plan
+            .packages
+            .get(kind)
+            .map(|t| t.price)
+            .ok_or_else(|| format!("plan {} has no package {kind:?}", plan.id));
+    }
+    let mut price = period_price(plan, sub.mode).ok_or_else(|| format!("plan {} has no {} price", plan.id, sub.mode.as_str()))?;
+    for (part, count) in &sub.parts {
+        let p = plan
+            .parts
+            .get(part)
+            .and_then(|p| period_price_of_part(p, sub.mode))
+            .ok_or_else(|| format!("plan {} has no {} price for part {part:?}", plan.id, sub.mode.as_str()))?;
+        price += p * Decimal::from(*count);
+    }
+    Ok(price)
+}
+
+fn period_price_of_part(p: &PartPrices, mode: BillingMode) -> Option<Decimal> {
+    match mode {
+        BillingMode::Monthly => p.monthly,
+        BillingMode::Yearly => p.yearly,
+        BillingMode::PayPerUse => None,
+    }
+}
+
+/// Months one period of a subscription lasts: the package's months, or a month or a year.
+pub fn period_months(plan: &Plan, sub: &Subscription) -> u32 {
+    sub.package
+        .as_ref()
+        .and_then(|k| plan.packages.get(k))
+        .map(|t| t.months)
+        .unwrap_or_else(|| months_per_period(sub.mode))
+}
+
 /// List amount of `periods` periods of `quantity` instances.
 pub fn periods_amount(unit_price: Decimal, periods: i64, quantity: i64) -> Result<Decimal, Overflow> {
     mul_div_round(&[unit_price, Decimal::from(periods), Decimal::from(quantity)], 1)
@@ -83,7 +128,7 @@ pub struct PrepaidCharge<'a> {
 pub fn post_prepaid(c: PrepaidCharge, book: &mut AccountBook, events: &mut Vec<ArrearsEvent>) -> LedgerLine {
     let due = amount_due(c.list_amount);
     let charge = book.charge(due, c.at, events);
-    let unit_price = period_price(c.plan, c.sub.mode).unwrap_or_default();
+    let unit_price = unit_price(c.plan, c.sub).unwrap_or_default();
     LedgerLine {
         transaction_id: transaction_id(&c.line_key, 0),
         transaction_time: c.at,
@@ -116,15 +161,35 @@ pub fn post_prepaid(c: PrepaidCharge, book: &mut AccountBook, events: &mut Vec<A
 }
 
 /// Explanation of a charge for `periods` periods.
-pub fn charge_explain(unit_price: Decimal, periods: i64, quantity: i64, months: u32, list: Decimal) -> serde_json::Value {
-    json!({
+pub fn charge_explain(plan: &Plan, sub: &Subscription, unit_price: Decimal, periods: i64, months: u32, list: Decimal) -> serde_json::Value {
+    let quantity = sub.quantity;
+    let mut e = json!({
         "formula": format!("{} per period x {} period(s) x {} instance(s) = {}", fmt_plain(unit_price), periods, quantity, fmt_plain(list)),
         "unit_price": fmt_plain(unit_price),
         "periods": periods,
         "months": months,
         "quantity": quantity,
         "amount_due": fmt_cents(amount_due(list)),
-    })
+    });
+    if let Some(t) = sub.package.as_ref().and_then(|k| plan.packages.get(k).map(|t| (k, t))) {
+        e["package"] = json!({"kind": t.0, "item": t.1.item, "quota_per_period": fmt_plain(t.1.quantity), "months_per_period": t.1.months});
+    }
+    if !sub.parts.is_empty() {
+        e["edition"] = json!(period_price(plan, sub.mode).map(fmt_plain));
+        e["parts"] = sub
+            .parts
+            .iter()
+            .map(|(part, count)| {
+                let price = plan
+                    .parts
+                    .get(part)
+                    .and_then(|p| period_price_of_part(p, sub.mode))
+                    .unwrap_or_default();
+                json!({"part": part, "count": count, "price": fmt_plain(price)})
+            })
+            .collect();
+    }
+    e
 }
 
 /// Months `periods` periods of the subscription's mode last.

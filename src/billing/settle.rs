@@ -191,6 +191,8 @@ pub struct UsageDraft {
     pub period_start: i64,
     pub period_end: i64,
     pub seconds: i64,
+    /// A count line (units, no seconds): its `usage_seconds` is empty.
+    pub counted: bool,
     pub list_amount: Decimal,
     pub amount_due: Decimal,
     /// The line's stored explanation (JSON text).
@@ -290,6 +292,7 @@ pub fn reconcile(desired: &[DesiredUsage], posted: &HashMap<String, PostedUsage>
                 period_start: d.period_start,
                 period_end: d.period_end,
                 seconds: d.seconds,
+                counted: false,
                 list_amount: d.list_amount,
                 amount_due: amount_due(d.list_amount),
                 explain: compact_explain(d),
@@ -308,6 +311,7 @@ pub fn reconcile(desired: &[DesiredUsage], posted: &HashMap<String, PostedUsage>
                     period_start: d.period_start,
                     period_end: d.period_end,
                     seconds: d.seconds - p.seconds,
+                    counted: false,
                     list_amount: d.list_amount - p.list_amount,
                     amount_due: due,
                     explain: json!({
@@ -342,6 +346,7 @@ pub fn reconcile(desired: &[DesiredUsage], posted: &HashMap<String, PostedUsage>
             period_start: p.period_start,
             period_end: p.period_end,
             seconds: -p.seconds,
+            counted: false,
             list_amount: -p.list_amount,
             amount_due: -p.amount_due,
             explain: json!({
@@ -473,7 +478,7 @@ pub fn post_drafts<'a>(
             billing_item: Some(d.item.clone()),
             period_start: d.period_start,
             period_end: d.period_end,
-            usage_seconds: Some(d.seconds),
+            usage_seconds: (!d.counted).then_some(d.seconds),
             quantity: d.quantity,
             unit_price: d.unit_price,
             list_amount: d.list_amount,
@@ -519,6 +524,8 @@ mod tests {
                 per_unit: BTreeMap::new(),
                 monthly: None,
                 yearly: None,
+                packages: BTreeMap::new(),
+                parts: BTreeMap::new(),
             },
         )])
     }

@@ -11,6 +11,7 @@ const SQLITE: &[(i64, &str)] = &[
     (3, include_str!("../../sql/sqlite/0003_leases.sql")),
     (4, include_str!("../../sql/sqlite/0004_delivery.sql")),
     (5, include_str!("../../sql/sqlite/0005_chunks.sql")),
+    (6, include_str!("../../sql/sqlite/0006_packages.sql")),
 ];
 const POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../sql/postgres/0001_foundation.sql")),
@@ -18,6 +19,7 @@ const POSTGRES: &[(i64, &str)] = &[
     (3, include_str!("../../sql/postgres/0003_leases.sql")),
     (4, include_str!("../../sql/postgres/0004_delivery.sql")),
     (5, include_str!("../../sql/postgres/0005_chunks.sql")),
+    (6, include_str!("../../sql/postgres/0006_packages.sql")),
 ];
 
 /// Brings the schema up to date. Concurrent starts are serialised by a lock on `meta`.

@@ -8,10 +8,12 @@
 
 use super::db::{Backend, Db, Kind, Tx};
 use super::ledger;
+use super::packages;
 use super::runs::{self, Claim, ClaimResult, LeaseKeeper};
 use super::world::{all_plans, lock_books, record_arrears_events, resource_of, save_accounts, SETTLE_JOB};
 use crate::billing::lifecycle::{arrears_transitions, unbillable_windows, ArrearsPeriod};
 use crate::billing::model::{LedgerLine, MeteredResource, Plan, UsageSegment};
+use crate::billing::packages::{count_drafts, is_count_key, CycleQuota, PostedCount};
 use crate::billing::settle::{desired_usage, post_drafts, reconcile, AccountBook, ArrearsEvent, PostedUsage, Unbillable};
 use crate::billing::zone::BillingZone;
 use crate::clock;
@@ -19,7 +21,7 @@ use crate::store::subscriptions::arrears_periods;
 use anyhow::{anyhow, bail, Context, Result};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Lines kept in an outcome for display (a settle --hour, the demo); the rest are only counted.
 pub const SHOWN_LINES: usize = 200;
@@ -347,8 +349,26 @@ async fn settle_chunk(
     .await?;
     let mut events: Vec<ArrearsEvent> = Vec::new();
     let mut lines = Vec::new();
+    // the prepaid package cycles these accounts' units may draw from, over the run's hours
+    let mut quotas = match (plan.hours.iter().min(), plan.hours.iter().max()) {
+        (Some(&first), Some(&last)) => packages::chunk_cycles(&mut tx, &plans, range, first, zone.next_hour(last)).await?,
+        _ => HashMap::new(),
+    };
+    let drawn_before: HashMap<(String, i64), Decimal> = quotas
+        .values()
+        .flatten()
+        .map(|c| ((c.package_id.clone(), c.cycle), c.used))
+        .collect();
     for &hour in &plan.hours {
-        lines.extend(settle_hour(&mut tx, zone, hour, range, &plans, &mut books, &mut events, run, &periods).await?);
+        let ctx = HourContext {
+            zone,
+            hour,
+            range,
+            plans: &plans,
+            run,
+            periods: &periods,
+        };
+        lines.extend(settle_hour(&mut tx, &ctx, &mut books, &mut events, &mut quotas).await?);
     }
     let out = ChunkOutcome {
         arrears_began: events
@@ -367,6 +387,14 @@ async fn settle_chunk(
     ledger::post_lines(&mut tx, &out.lines).await?;
     let changed: Vec<_> = books.values().filter(|b| b.changed).map(|b| &b.account).collect();
     save_accounts(&mut tx, changed).await?;
+    packages::save_cycles(
+        &mut tx,
+        quotas
+            .values()
+            .flatten()
+            .filter(|c| drawn_before.get(&(c.package_id.clone(), c.cycle)) != Some(&c.used)),
+    )
+    .await?;
     record_arrears_events(&mut tx, &events).await?;
     let amount: Decimal = out.lines.iter().map(|l| l.amount_due).sum();
     runs::finish(
@@ -436,18 +464,31 @@ async fn finalize(db: &Db, zone: &BillingZone, run: &SettleRun, plan: &SettlePla
     Ok(true)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What settling one hour of a chunk reads but does not change.
+struct HourContext<'a> {
+    zone: &'a BillingZone,
+    hour: i64,
+    range: (Option<&'a str>, Option<&'a str>),
+    plans: &'a HashMap<String, Plan>,
+    run: &'a SettleRun,
+    periods: &'a HashMap<String, Vec<ArrearsPeriod>>,
+}
+
 async fn settle_hour(
     tx: &mut Tx,
-    zone: &BillingZone,
-    hour: i64,
-    range: (Option<&str>, Option<&str>),
-    plans: &HashMap<String, Plan>,
+    ctx: &HourContext<'_>,
     books: &mut HashMap<String, AccountBook>,
     events: &mut Vec<ArrearsEvent>,
-    run: &SettleRun,
-    periods: &HashMap<String, Vec<ArrearsPeriod>>,
+    quotas: &mut HashMap<(String, String), Vec<CycleQuota>>,
 ) -> Result<Vec<LedgerLine>> {
+    let HourContext {
+        zone,
+        hour,
+        range,
+        plans,
+        run,
+        periods,
+    } = *ctx;
     let end = zone.next_hour(hour);
     // pay-per-use from creation (or from a change to pay-per-use) until deletion or release
     let (cond, extra) = range_sql("account_id", range, 3);
@@ -525,7 +566,22 @@ async fn settle_hour(
         desired_usage(zone, hour, plans, &resources, &segments, &unbillable).map_err(|e| anyhow!("hour {}: {e}", zone.format(hour)))?;
 
     let mut posted: HashMap<String, PostedUsage> = HashMap::new();
+    let mut posted_counts: HashMap<String, PostedCount> = HashMap::new();
+    let mut counted: BTreeMap<(String, String), Vec<(i64, Decimal)>> = BTreeMap::new();
     for l in posted_lines {
+        if is_count_key(&l.line_key) {
+            let item = l.billing_item.as_deref().unwrap_or_default();
+            let base = item.split('@').next().unwrap_or(item).to_string();
+            counted.entry((l.resource_id.clone(), base)).or_default();
+            let p = posted_counts.entry(l.line_key.clone()).or_default();
+            p.quantity += l.quantity;
+            p.list_amount += l.list_amount;
+            p.amount_due += l.amount_due;
+            p.lines += 1;
+            p.period_start = l.period_start;
+            p.period_end = l.period_end;
+            continue;
+        }
         let p = PostedUsage {
             resource_id: l.resource_id.clone(),
             item: l.billing_item.clone().unwrap_or_default(),
@@ -546,7 +602,36 @@ async fn settle_hour(
             }
         }
     }
-    let drafts = reconcile(&desired, &posted);
+    let mut drafts = reconcile(&desired, &posted);
+    // count-metered units: drawn from the valid package cycles first, the rest billed
+    for (resource_id, item, at, units) in packages::hour_counts(tx, hour, end, range).await? {
+        let billable = resources
+            .get(&resource_id)
+            .is_some_and(|r| r.created_at <= at && r.deleted_at.is_none_or(|d| at < d))
+            && !unbillable
+                .get(&resource_id)
+                .is_some_and(|w| w.iter().any(|&(s, e)| s <= at && e.is_none_or(|e| at < e)));
+        if billable {
+            counted.entry((resource_id, item)).or_default().push((at, units));
+        }
+    }
+    for ((resource_id, item), counts) in counted {
+        let Some(price) = resources
+            .get(&resource_id)
+            .and_then(|r| plans.get(&r.plan_id))
+            .and_then(|p| p.per_unit.get(&item))
+        else {
+            continue;
+        };
+        let cycles = quotas
+            .get_mut(&(resource_id.clone(), item.clone()))
+            .map(Vec::as_mut_slice)
+            .unwrap_or_default();
+        drafts.extend(
+            count_drafts(&resource_id, &item, hour, end, *price, &counts, cycles, &posted_counts)
+                .map_err(|e| anyhow!("hour {}: {e}", zone.format(hour)))?,
+        );
+    }
     if drafts.is_empty() {
         return Ok(vec![]);
     }
@@ -571,6 +656,7 @@ pub async fn record_empty_runs(db: &Db, zone: &BillingZone, runs: &[(i64, Vec<i6
             "SELECT (SELECT COUNT(*) FROM resources WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL) AND created_at < $2 \
              AND (ppu_from IS NULL OR ppu_from < $2) AND (deleted_at IS NULL OR deleted_at > $1) AND (released_at IS NULL OR released_at > $1)) \
              + (SELECT COUNT(*) FROM usage_segments WHERE superseded = 0 AND from_at < $2 AND to_at > $1) \
+             + (SELECT COUNT(*) FROM usage_counts WHERE superseded = 0 AND at >= $1 AND at < $2) \
              + (SELECT COUNT(*) FROM dirty_hours) + (SELECT COUNT(*) FROM ledger WHERE hour_start >= $1 AND hour_start < $2)",
             vec![first.into(), end.into()],
             &[Kind::Int],

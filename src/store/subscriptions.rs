@@ -12,7 +12,7 @@ use crate::billing::lifecycle::{
 use crate::billing::model::{BillingMode, LedgerLine, Plan, TransactionType};
 use crate::billing::money::{fmt_cents, fmt_plain};
 use crate::billing::prepaid::{
-    charge_explain, months_of, period_price, periods_amount, post_prepaid, purchase_key, refund_key, renewal_key, PrepaidCharge,
+    charge_explain, period_months, periods_amount, post_prepaid, purchase_key, refund_key, renewal_key, unit_price, PrepaidCharge,
     Subscription,
 };
 use crate::billing::settle::{AccountBook, ArrearsEvent};
@@ -25,6 +25,9 @@ use serde_json::json;
 use std::collections::HashMap;
 
 pub const DAILY_JOB: &str = "daily";
+
+/// Days before expiry a prepaid package's alert is sent.
+const PACKAGE_ALERT_DAYS: &[i64] = &[7];
 
 const SUB_KINDS: &[Kind] = &[
     Kind::Text,
@@ -42,6 +45,9 @@ const SUB_KINDS: &[Kind] = &[
     Kind::Int,
     Kind::Int,
     Kind::Int,
+    Kind::Text,
+    Kind::Text,
+    Kind::Text,
 ];
 
 fn sub_of(r: &Row) -> Result<Subscription> {
@@ -61,6 +67,12 @@ fn sub_of(r: &Row) -> Result<Subscription> {
         ppu_from: r.opt_int(12),
         ppu_at_expiry: r.int(13) != 0,
         released_at: r.opt_int(14),
+        package: r.opt_text(15),
+        serves: r.opt_text(16),
+        parts: match r.opt_text(17) {
+            Some(t) => serde_json::from_str(&t).context("stored parts")?,
+            None => Default::default(),
+        },
     })
 }
 
@@ -68,7 +80,7 @@ async fn subscriptions(tx: &mut Tx, only: Option<&str>) -> Result<Vec<Subscripti
     let rows = tx
         .rows(
             "SELECT id, account_id, plan_id, mode, quantity, created_at, anchor_date, months_paid, auto_renew, auto_renew_times, \
-             renewals_done, renew_days_before, ppu_from, ppu_at_expiry, released_at FROM resources \
+             renewals_done, renew_days_before, ppu_from, ppu_at_expiry, released_at, package, serves, parts FROM resources \
              WHERE mode <> 'pay_per_use' AND ($1 = '' OR id = $1) ORDER BY account_id, id",
             vec![only.unwrap_or("").into()],
             SUB_KINDS,
@@ -132,7 +144,7 @@ async fn book(tx: &mut Tx, account_id: &str) -> Result<AccountBook> {
 /// prepaid charge may not take the balance below zero; then the whole load is refused.
 pub(crate) async fn post_purchase(tx: &mut Tx, zone: &BillingZone, sub: &Subscription, periods: i64, record: &str) -> Result<()> {
     let plan = plan(tx, &sub.plan_id).await?;
-    let unit = period_price(&plan, sub.mode).ok_or_else(|| anyhow!("plan {} has no {} price", plan.id, sub.mode.as_str()))?;
+    let unit = unit_price(&plan, &sub).map_err(|e| anyhow!(e))?;
     let list = periods_amount(unit, periods, sub.quantity)?;
     let mut book = book(tx, &sub.account_id).await?;
     let due = crate::billing::money::amount_due(list);
@@ -158,7 +170,7 @@ pub(crate) async fn post_purchase(tx: &mut Tx, zone: &BillingZone, sub: &Subscri
             at: sub.purchased_at,
             run_job: "load",
             line_key: purchase_key(&sub.id),
-            explain: charge_explain(unit, periods, sub.quantity, sub.months_paid, list),
+            explain: charge_explain(&plan, sub, unit, periods, sub.months_paid, list),
         },
         &mut book,
         &mut events,
@@ -217,7 +229,7 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
         let plan = plans
             .get(&sub.plan_id)
             .ok_or_else(|| anyhow!("plan {} is not loaded", sub.plan_id))?;
-        let unit = period_price(plan, sub.mode).ok_or_else(|| anyhow!("plan {} has no {} price", plan.id, sub.mode.as_str()))?;
+        let unit = unit_price(plan, sub).map_err(|e| anyhow!(e))?;
         let list = periods_amount(unit, 1, sub.quantity)?;
         let due = crate::billing::money::amount_due(list);
         let book = books
@@ -257,7 +269,9 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
             .await?;
             continue;
         }
-        let months = months_of(sub.mode, 1);
+        let months = period_months(plan, sub);
+        // an auto-renewal is paid before its cycle begins: no settled hour can draw from it yet
+        crate::store::packages::add_cycles(&mut tx, zone, plan, sub, sub.months_paid, 1, at, false).await?;
         sub.months_paid += months;
         sub.renewals_done += 1;
         changed[i] = true;
@@ -274,7 +288,7 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
                 at,
                 run_job: DAILY_JOB,
                 line_key: renewal_key(&sub.id, new_expiry),
-                explain: charge_explain(unit, 1, sub.quantity, months, list),
+                explain: charge_explain(plan, sub, unit, 1, months, list),
             },
             book,
             &mut events,
@@ -334,12 +348,17 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
             continue;
         }
         let days = days_until(today, sub.expires_on());
-        if alert_days(sub.mode).contains(&days) {
+        // a package is reminded of once, 7 days before it expires
+        let (days_before, kind) = match sub.package {
+            Some(_) => (PACKAGE_ALERT_DAYS, "package_expiry_alert"),
+            None => (alert_days(sub.mode), "expiry_alert"),
+        };
+        if days_before.contains(&days) {
             let new = notify_event(
                 &mut tx,
                 Notice {
-                    key: json!(["expiry_alert", sub.id, sub.expires_on().to_string(), days]).to_string(),
-                    kind: "expiry_alert",
+                    key: json!([kind, sub.id, sub.expires_on().to_string(), days]).to_string(),
+                    kind,
                     account_id: sub.account_id.clone(),
                     resource_id: Some(sub.id.clone()),
                     at,
@@ -486,6 +505,8 @@ pub async fn renew(db: &Db, zone: &BillingZone, resource: &str, periods: i64, at
         return Err(input(format!("--periods: {periods} is not between 1 and 120")));
     }
     let mut tx = db.begin().await?;
+    // a package's renewal may re-open settled hours: the horizon lock comes before the account's
+    crate::store::world::dirty_horizon(&mut tx).await?;
     let mut sub = one_subscription(&mut tx, resource).await?;
     let plan = plan(&mut tx, &sub.plan_id).await?;
     let mut book = book(&mut tx, &sub.account_id).await?;
@@ -495,7 +516,7 @@ pub async fn renew(db: &Db, zone: &BillingZone, resource: &str, periods: i64, at
     if released_at(zone, &sub, &book.account) <= at {
         return Err(input(format!("RESOURCE: {resource:?} was released; it cannot be renewed")));
     }
-    let unit = period_price(&plan, sub.mode).ok_or_else(|| anyhow!("plan {} has no {} price", plan.id, sub.mode.as_str()))?;
+    let unit = unit_price(&plan, &sub).map_err(|e| anyhow!(e))?;
     let list = periods_amount(unit, periods, sub.quantity)?;
     let due = crate::billing::money::amount_due(list);
     if book.account.in_arrears_since.is_some() {
@@ -513,7 +534,8 @@ pub async fn renew(db: &Db, zone: &BillingZone, resource: &str, periods: i64, at
         )));
     }
     let start = sub.cycle_end(zone);
-    let months = months_of(sub.mode, periods);
+    let months = period_months(&plan, &sub) * periods as u32;
+    crate::store::packages::add_cycles(&mut tx, zone, &plan, &sub, sub.months_paid, periods, at, true).await?;
     sub.months_paid += months;
     sub.ppu_at_expiry = false;
     let new_expiry = sub.expires_on();
@@ -530,7 +552,7 @@ pub async fn renew(db: &Db, zone: &BillingZone, resource: &str, periods: i64, at
             at,
             run_job: "renew",
             line_key: renewal_key(&sub.id, new_expiry),
-            explain: charge_explain(unit, periods, sub.quantity, months, list),
+            explain: charge_explain(&plan, &sub, unit, periods, months, list),
         },
         &mut book,
         &mut events,
@@ -610,6 +632,11 @@ async fn refund_line(
 pub async fn unsubscribe(db: &Db, zone: &BillingZone, resource: &str, at: i64) -> Result<Option<LedgerLine>> {
     let mut tx = db.begin().await?;
     let mut sub = one_subscription(&mut tx, resource).await?;
+    if sub.package.is_some() {
+        return Err(input(format!(
+            "RESOURCE: {resource:?} is a prepaid package; packages are non-refundable (let it expire, or turn auto-renewal off)"
+        )));
+    }
     let plan = plan(&mut tx, &sub.plan_id).await?;
     let mut book = book(&mut tx, &sub.account_id).await?;
     if released_at(zone, &sub, &book.account) <= at {
@@ -651,6 +678,13 @@ pub async fn unsubscribe(db: &Db, zone: &BillingZone, resource: &str, at: i64) -
 pub async fn to_ppu(db: &Db, zone: &BillingZone, resource: &str, now: bool, at: i64) -> Result<(i64, Option<LedgerLine>)> {
     let mut tx = db.begin().await?;
     let mut sub = one_subscription(&mut tx, resource).await?;
+    if sub.package.is_some() {
+        return Err(input(format!(
+            "RESOURCE: {resource:?} is a prepaid package; what exceeds it is already billed pay-per-use"
+        )));
+    }
+    // it re-opens settled hours: the horizon lock comes before the account's (as a load takes them)
+    crate::store::world::dirty_horizon(&mut tx).await?;
     let plan = plan(&mut tx, &sub.plan_id).await?;
     if !plan.hourly.contains_key(crate::billing::settle::INSTANCE_ITEM) {
         return Err(input(format!(

@@ -130,7 +130,7 @@ pub(crate) async fn dirty_horizon(tx: &mut Tx) -> Result<Option<i64>> {
 
 /// Marks hours for re-settlement; marking one again bumps its generation, so a run that planned
 /// to re-settle it before this load leaves it marked.
-async fn mark_hours(tx: &mut Tx, hours: BTreeSet<i64>) -> Result<()> {
+pub(crate) async fn mark_hours(tx: &mut Tx, hours: BTreeSet<i64>) -> Result<()> {
     let rows: Vec<Vec<Val>> = hours.into_iter().map(|h| vec![Val::from(h)]).collect();
     tx.insert_rows(
         "dirty_hours",
@@ -230,8 +230,8 @@ async fn write_batch(
         .resources
         .iter()
         .map(|r| {
-            let (periods, auto_renew, times, before, anchor, months, expires) = match &r.subscription {
-                None => (None, 0, None, 7, None, None, None),
+            let (periods, auto_renew, times, before, anchor, months, expires, parts) = match &r.subscription {
+                None => (None, 0, None, 7, None, None, None, None),
                 Some(sub) => {
                     let anchor = zone.local_date(r.created_at);
                     let months = months_of(r.mode, sub.periods);
@@ -244,6 +244,7 @@ async fn write_batch(
                         Some(anchor.to_string()),
                         Some(months as i64),
                         Some(expires.to_string()),
+                        (!sub.parts.is_empty()).then(|| serde_json::json!(sub.parts).to_string()),
                     )
                 }
             };
@@ -262,9 +263,38 @@ async fn write_batch(
                 anchor.into(),
                 months.into(),
                 expires.into(),
+                parts.into(),
+                None::<String>.into(),
+                None::<String>.into(),
             ]
         })
-        .collect();
+        .collect::<Vec<_>>();
+    let mut packages = Vec::with_capacity(b.packages.len());
+    for p in &b.packages {
+        let plan = known.plans.get(&p.plan_id).context("the package's plan")?;
+        let months = plan.packages[&p.kind].months * p.subscription.periods as u32;
+        let anchor = zone.local_date(p.purchased_at);
+        let sub = &p.subscription;
+        packages.push(vec![
+            p.id.clone().into(),
+            p.account_id.clone().into(),
+            p.plan_id.clone().into(),
+            p.mode.as_str().into(),
+            1i64.into(),
+            p.purchased_at.into(),
+            None::<i64>.into(),
+            Some(sub.periods).into(),
+            (sub.auto_renew as i64).into(),
+            sub.auto_renew_times.into(),
+            sub.renew_days_before.into(),
+            anchor.to_string().into(),
+            (months as i64).into(),
+            add_months(anchor, months).to_string().into(),
+            None::<String>.into(),
+            p.kind.clone().into(),
+            p.serves.clone().into(),
+        ]);
+    }
     s.resources += tx
         .insert_rows(
             "resources",
@@ -283,8 +313,11 @@ async fn write_batch(
                 "anchor_date",
                 "months_paid",
                 "expires_on",
+                "parts",
+                "package",
+                "serves",
             ],
-            resources,
+            resources.into_iter().chain(packages).collect(),
             "",
         )
         .await? as usize;
@@ -329,8 +362,27 @@ async fn write_batch(
             "",
         )
         .await? as usize;
+    for c in &b.counts {
+        // a new count for the same (resource, item, at) corrects the earlier one
+        let old = tx
+            .exec(
+                "UPDATE usage_counts SET superseded = 1 WHERE resource_id = $1 AND item = $2 AND at = $3 AND superseded = 0",
+                vec![c.resource_id.clone().into(), c.item.clone().into(), c.at.into()],
+            )
+            .await?;
+        s.corrected_readings += old as usize;
+        mark_dirty(zone, c.at, c.at + 1, watermark, dirty);
+    }
+    let counts = b
+        .counts
+        .iter()
+        .map(|c| vec![c.resource_id.clone().into(), c.item.clone().into(), c.quantity.into(), c.at.into()])
+        .collect();
+    s.usage += tx
+        .insert_rows("usage_counts", &["resource_id", "item", "quantity", "at"], counts, "")
+        .await? as usize;
     // purchases and top-ups are posted in the document's order
-    if b.topups_first {
+    if b.topups_after == 0 {
         post_topups(tx, b, s).await?;
     }
     for (i, r) in b.resources.iter().enumerate() {
@@ -352,11 +404,44 @@ async fn write_batch(
             ppu_from: None,
             ppu_at_expiry: false,
             released_at: None,
+            package: None,
+            serves: None,
+            parts: sub.parts.clone(),
         };
         post_purchase(tx, zone, &subscription, sub.periods, &format!("resources[{i}] (id {:?})", r.id)).await?;
         s.purchases += 1;
     }
-    if !b.topups_first {
+    if b.topups_after == 1 {
+        post_topups(tx, b, s).await?;
+    }
+    for (i, p) in b.packages.iter().enumerate() {
+        let plan = known.plans.get(&p.plan_id).context("the package's plan")?;
+        let sub = &p.subscription;
+        let subscription = Subscription {
+            id: p.id.clone(),
+            account_id: p.account_id.clone(),
+            plan_id: p.plan_id.clone(),
+            mode: p.mode,
+            quantity: 1,
+            purchased_at: p.purchased_at,
+            anchor: zone.local_date(p.purchased_at),
+            months_paid: plan.packages[&p.kind].months * sub.periods as u32,
+            auto_renew: sub.auto_renew,
+            auto_renew_times: sub.auto_renew_times,
+            renewals_done: 0,
+            renew_days_before: sub.renew_days_before,
+            ppu_from: None,
+            ppu_at_expiry: false,
+            released_at: None,
+            package: Some(p.kind.clone()),
+            serves: Some(p.serves.clone()),
+            parts: Default::default(),
+        };
+        post_purchase(tx, zone, &subscription, sub.periods, &format!("packages[{i}] (id {:?})", p.id)).await?;
+        crate::store::packages::add_cycles(tx, zone, plan, &subscription, 0, sub.periods, p.purchased_at, true).await?;
+        s.purchases += 1;
+    }
+    if b.topups_after == 2 {
         post_topups(tx, b, s).await?;
     }
     Ok(())
