@@ -283,9 +283,22 @@ impl Billing {
         let rows = self
             .db
             .rows(
-                "SELECT id, account_id, mode, created_at, deleted_at, expires_on, ppu_from, ppu_at_expiry, released_at FROM resources ORDER BY id",
+                "SELECT id, account_id, mode, created_at, deleted_at, expires_on, ppu_from, ppu_at_expiry, released_at, package, serves \
+                 FROM resources ORDER BY id",
                 vec![],
-                &[Kind::Text, Kind::Text, Kind::Text, Kind::Int, Kind::Int, Kind::Text, Kind::Int, Kind::Int, Kind::Int],
+                &[
+                    Kind::Text,
+                    Kind::Text,
+                    Kind::Text,
+                    Kind::Int,
+                    Kind::Int,
+                    Kind::Text,
+                    Kind::Int,
+                    Kind::Int,
+                    Kind::Int,
+                    Kind::Text,
+                    Kind::Text,
+                ],
             )
             .await?;
         let mut out = Vec::with_capacity(rows.len());
@@ -318,6 +331,8 @@ impl Billing {
                 mode: if ppu_from.is_some() { "pay_per_use".to_string() } else { mode },
                 state: state.as_str().to_string(),
                 expires_on: if ppu_from.is_some() { None } else { expires_on },
+                package: r.opt_text(9),
+                serves: r.opt_text(10),
             });
         }
         Ok(out)
@@ -431,6 +446,11 @@ pub struct ResourceStatus {
     pub mode: String,
     pub state: String,
     pub expires_on: Option<String>,
+    /// For a prepaid package: its kind and the resource whose units it covers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub package: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serves: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -495,10 +515,13 @@ fn explain_text(b: &Billing, l: &LedgerLine, inputs: &serde_json::Value) -> Stri
     ));
     let corrected = inputs.get("corrected");
     if let Some(posted) = inputs.get("posted") {
+        let used = match posted.get("units") {
+            Some(u) => format!("{} units", u.as_str().unwrap_or("")),
+            None => format!("{} s", posted["seconds"]),
+        };
         s.push_str(&format!(
-            "already posted for this hour: {} line(s), {} s, list {}, due {}\n",
+            "already posted for this hour: {} line(s), {used}, list {}, due {}\n",
             posted["lines"],
-            posted["seconds"],
             posted["list_amount"].as_str().unwrap_or(""),
             posted["amount_due"].as_str().unwrap_or("")
         ));
@@ -525,6 +548,23 @@ fn explain_text(b: &Billing, l: &LedgerLine, inputs: &serde_json::Value) -> Stri
             "formula"
         };
         s.push_str(&format!("{label}: {}\n", usage["formula"].as_str().unwrap_or("")));
+    }
+    if let Some(records) = inputs.get("records").and_then(|v| v.as_array()) {
+        s.push_str("count records inside the hour:\n");
+        for r in records {
+            s.push_str(&format!(
+                "  {}: {} units\n",
+                b.fmt(r["at"].as_i64().unwrap_or(0)),
+                r["units"].as_str().unwrap_or("")
+            ));
+        }
+        if inputs.get("posted").is_none() {
+            s.push_str(&format!("formula: {}\n", inputs["formula"].as_str().unwrap_or("")));
+        }
+    } else if usage.get("intervals").is_none() && inputs.get("posted").is_none() {
+        if let Some(f) = inputs.get("formula").and_then(|v| v.as_str()) {
+            s.push_str(&format!("formula: {f}\n"));
+        }
     }
     if corrected.is_some() || inputs.get("posted").is_some() {
         s.push_str(&format!("list amount: {}\n", inputs["formula"].as_str().unwrap_or("")));

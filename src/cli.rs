@@ -195,8 +195,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Load { files } => {
             let s = b.load_files(&files).await?;
             println!(
-                "loaded {} accounts, {} plans, {} resources, {} usage records ({} corrections), {} top-ups; {} settled hours marked for re-settlement",
-                s.accounts, s.plans, s.resources, s.usage, s.corrected_readings, s.topups, s.hours_marked_for_resettlement
+                "loaded {} accounts, {} plans, {} resources, {} packages, {} usage records ({} corrections), {} top-ups; {} settled hours marked for re-settlement",
+                s.accounts, s.plans, s.resources - s.packages, s.packages, s.usage, s.corrected_readings, s.topups, s.hours_marked_for_resettlement
             );
         }
         Command::Tick { now } => {

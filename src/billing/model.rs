@@ -36,7 +36,7 @@ pub struct PackageTerms {
 impl PackageTerms {
     /// A package of whole years is billed as yearly, any other as monthly.
     pub fn mode(&self) -> BillingMode {
-        if self.months % 12 == 0 {
+        if self.months.is_multiple_of(12) {
             BillingMode::Yearly
         } else {
             BillingMode::Monthly

@@ -13,10 +13,9 @@ use std::collections::{BTreeSet, HashMap};
 
 /// Records the cycles `periods` periods of a package pay for, after the `months_before` months
 /// already paid: each holds the package's quota and may be drawn from `paid_at` on (or from its
-/// start, if paid before it). With `mark`, hours already settled that have count records in the
-/// new cycles are marked for re-settlement (the caller must have taken the horizon lock before
-/// any account lock; see `world::dirty_horizon`). Does nothing for a subscription that is not a
-/// package.
+/// start, if paid before it). Returns the resource the package serves and the span [from, to)
+/// its new cycles may be drawn in: settled hours with count records there must be re-settled
+/// (`counted_hours`). Does nothing for a subscription that is not a package.
 pub(crate) async fn add_cycles(
     tx: &mut Tx,
     zone: &BillingZone,
@@ -25,10 +24,9 @@ pub(crate) async fn add_cycles(
     months_before: u32,
     periods: i64,
     paid_at: i64,
-    mark: bool,
-) -> Result<()> {
+) -> Result<Option<(String, i64, i64)>> {
     let (Some(kind), Some(serves)) = (&sub.package, &sub.serves) else {
-        return Ok(());
+        return Ok(None);
     };
     let terms = plan
         .packages
@@ -63,20 +61,24 @@ pub(crate) async fn add_cycles(
         "",
     )
     .await?;
-    if !mark {
-        return Ok(());
-    }
-    mark_counted_hours(tx, zone, serves, span.0, span.1).await
+    Ok(Some((serves.clone(), span.0, span.1)))
 }
 
-/// Marks the settled hours in [from, to) in which `resource` has count records: what they draw
-/// from packages changed.
-pub(crate) async fn mark_counted_hours(tx: &mut Tx, zone: &BillingZone, resource: &str, from: i64, to: i64) -> Result<()> {
-    let Some(w) = crate::store::world::dirty_horizon(tx).await? else {
-        return Ok(());
+/// The hours up to the settle horizon `horizon` (see `world::dirty_horizon`) in [from, to) in
+/// which `resource` has count records: what they may draw from packages changed.
+pub(crate) async fn counted_hours(
+    tx: &mut Tx,
+    zone: &BillingZone,
+    resource: &str,
+    from: i64,
+    to: i64,
+    horizon: Option<i64>,
+) -> Result<BTreeSet<i64>> {
+    let Some(w) = horizon else {
+        return Ok(BTreeSet::new());
     };
     let to = to.min(zone.next_hour(w));
-    let hours: BTreeSet<i64> = tx
+    Ok(tx
         .rows(
             "SELECT at FROM usage_counts WHERE resource_id = $1 AND at >= $2 AND at < $3 AND superseded = 0",
             vec![resource.into(), from.into(), to.into()],
@@ -85,8 +87,7 @@ pub(crate) async fn mark_counted_hours(tx: &mut Tx, zone: &BillingZone, resource
         .await?
         .iter()
         .map(|r| zone.hour_start(r.int(0)))
-        .collect();
-    crate::store::world::mark_hours(tx, hours).await
+        .collect())
 }
 
 /// The package cycles of the accounts in `range` that overlap [from, to), by (resource served,

@@ -144,7 +144,7 @@ async fn book(tx: &mut Tx, account_id: &str) -> Result<AccountBook> {
 /// prepaid charge may not take the balance below zero; then the whole load is refused.
 pub(crate) async fn post_purchase(tx: &mut Tx, zone: &BillingZone, sub: &Subscription, periods: i64, record: &str) -> Result<()> {
     let plan = plan(tx, &sub.plan_id).await?;
-    let unit = unit_price(&plan, &sub).map_err(|e| anyhow!(e))?;
+    let unit = unit_price(&plan, sub).map_err(|e| anyhow!(e))?;
     let list = periods_amount(unit, periods, sub.quantity)?;
     let mut book = book(tx, &sub.account_id).await?;
     let due = crate::billing::money::amount_due(list);
@@ -271,7 +271,7 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
         }
         let months = period_months(plan, sub);
         // an auto-renewal is paid before its cycle begins: no settled hour can draw from it yet
-        crate::store::packages::add_cycles(&mut tx, zone, plan, sub, sub.months_paid, 1, at, false).await?;
+        crate::store::packages::add_cycles(&mut tx, zone, plan, sub, sub.months_paid, 1, at).await?;
         sub.months_paid += months;
         sub.renewals_done += 1;
         changed[i] = true;
@@ -506,7 +506,7 @@ pub async fn renew(db: &Db, zone: &BillingZone, resource: &str, periods: i64, at
     }
     let mut tx = db.begin().await?;
     // a package's renewal may re-open settled hours: the horizon lock comes before the account's
-    crate::store::world::dirty_horizon(&mut tx).await?;
+    let horizon = crate::store::world::dirty_horizon(&mut tx).await?;
     let mut sub = one_subscription(&mut tx, resource).await?;
     let plan = plan(&mut tx, &sub.plan_id).await?;
     let mut book = book(&mut tx, &sub.account_id).await?;
@@ -535,7 +535,11 @@ pub async fn renew(db: &Db, zone: &BillingZone, resource: &str, periods: i64, at
     }
     let start = sub.cycle_end(zone);
     let months = period_months(&plan, &sub) * periods as u32;
-    crate::store::packages::add_cycles(&mut tx, zone, &plan, &sub, sub.months_paid, periods, at, true).await?;
+    // cycles renewed in hours already settled (a renewal while expired) cover their counts from now
+    if let Some((serves, from, to)) = crate::store::packages::add_cycles(&mut tx, zone, &plan, &sub, sub.months_paid, periods, at).await? {
+        let hours = crate::store::packages::counted_hours(&mut tx, zone, &serves, from, to, horizon).await?;
+        crate::store::world::mark_hours(&mut tx, hours).await?;
+    }
     sub.months_paid += months;
     sub.ppu_at_expiry = false;
     let new_expiry = sub.expires_on();

@@ -8,6 +8,7 @@ use crate::billing::settle::{AccountBook, ArrearsEvent, INSTANCE_ITEM};
 use crate::billing::zone::{split_by_hour, BillingZone};
 use crate::error::InputError;
 use crate::fixture::{self, Batch, Document, Known, KnownResource};
+use crate::store::packages;
 use crate::store::subscriptions::post_purchase;
 use anyhow::{Context, Result};
 use rust_decimal::Decimal;
@@ -57,7 +58,9 @@ pub(crate) async fn all_plans(tx: &mut Tx) -> Result<std::collections::HashMap<S
 pub struct LoadSummary {
     pub accounts: usize,
     pub plans: usize,
+    /// Resources inserted, packages included.
     pub resources: usize,
+    pub packages: usize,
     pub usage: usize,
     pub topups: usize,
     pub purchases: usize,
@@ -269,6 +272,7 @@ async fn write_batch(
             ]
         })
         .collect::<Vec<_>>();
+    s.packages += b.packages.len();
     let mut packages = Vec::with_capacity(b.packages.len());
     for p in &b.packages {
         let plan = known.plans.get(&p.plan_id).context("the package's plan")?;
@@ -438,7 +442,10 @@ async fn write_batch(
             parts: Default::default(),
         };
         post_purchase(tx, zone, &subscription, sub.periods, &format!("packages[{i}] (id {:?})", p.id)).await?;
-        crate::store::packages::add_cycles(tx, zone, plan, &subscription, 0, sub.periods, p.purchased_at, true).await?;
+        // a package bought in hours already settled covers their counts: they are re-settled
+        if let Some((serves, from, to)) = packages::add_cycles(tx, zone, plan, &subscription, 0, sub.periods, p.purchased_at).await? {
+            dirty.extend(packages::counted_hours(tx, zone, &serves, from, to, watermark).await?);
+        }
         s.purchases += 1;
     }
     if b.topups_after == 2 {
