@@ -1,10 +1,11 @@
 //! `billrun demo`: a newcomer's first run on the embedded default. A fresh SQLite database, the
 //! demo world, a day of hourly settlement with a top-up in the middle, then eight weeks in one
-//! catch-up: renewals, a failing renewal, expiry alerts, expired -> frozen -> released, and an
-//! account in arrears frozen and released; then the bills CSV.
+//! catch-up: renewals, a failing renewal, expiry alerts, expired -> frozen -> released, an
+//! account in arrears frozen and released, and a KooMessage account that uses up its prepaid
+//! package and pays the excess; then the bills CSV.
 
 use crate::app::Billing;
-use crate::billing::money::{fmt_amount, fmt_cents};
+use crate::billing::money::{fmt_amount, fmt_cents, fmt_plain};
 use crate::billing::zone::parse_instant;
 use crate::config::Config;
 use crate::jobs::JobRun;
@@ -32,8 +33,8 @@ pub async fn run(dir: &Path) -> Result<()> {
     let s = b.load_json("fixtures/demo.json", DEMO_FIXTURE).await?;
     println!("billrun demo — database {} (time zone {})", db_path.display(), b.zone);
     println!(
-        "loaded {} accounts, {} plans, {} resources ({} subscriptions purchased at load), {} usage segments\n",
-        s.accounts, s.plans, s.resources, s.purchases, s.usage
+        "loaded {} accounts, {} plans, {} resources and {} prepaid packages ({} subscriptions and packages purchased at load), {} usage records\n",
+        s.accounts, s.plans, s.resources - s.packages, s.packages, s.purchases, s.usage
     );
 
     println!("== 2023-04-18: hourly settlement, each run at its own scheduled instant ==");
@@ -51,11 +52,16 @@ pub async fn run(dir: &Path) -> Result<()> {
             fmt_cents(out.amount_due)
         );
         for l in &out.shown {
+            // time-metered lines show their seconds, count lines their units
+            let used = match l.usage_seconds {
+                Some(s) => format!("{s} s"),
+                None => format!("{} units", fmt_plain(l.quantity)),
+            };
             println!(
-                "    {:<8} {:<10} {:>5} s  list {:<10} due {:>6}  paid {:>6}  arrears {:>6}  balance {:>8}",
+                "    {:<8} {:<10} {:>11}  list {:<10} due {:>6}  paid {:>6}  arrears {:>6}  balance {:>8}",
                 l.resource_id,
                 l.billing_item.as_deref().unwrap_or(""),
-                l.usage_seconds.unwrap_or(0),
+                used,
                 fmt_amount(l.list_amount),
                 fmt_cents(l.amount_due),
                 fmt_cents(l.paid_amount),
@@ -102,7 +108,7 @@ pub async fn run(dir: &Path) -> Result<()> {
             extra.push_str(&format!(": {r}"));
         }
         println!(
-            "  {}  {:<18} {:<8} {:<4}{}  [{}]",
+            "  {}  {:<20} {:<8} {:<4}{}  [{}]",
             n["at"].as_str().unwrap_or(""),
             n["kind"].as_str().unwrap_or(""),
             n["account_id"].as_str().unwrap_or(""),

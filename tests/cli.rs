@@ -135,6 +135,9 @@ fn demo_runs_on_a_fresh_directory() {
     let csv = std::fs::read_to_string(d.join("bills.csv")).unwrap();
     assert!(csv.contains(",monthly,renewal,,"), "a renewal line");
     assert!(csv.contains(",yearly,purchase,,"), "a purchase line");
+    assert!(out.contains("email@pk1"), "units drawn from a package: {out}");
+    assert!(out.contains("package_expiry_alert"), "{out}");
+    assert!(csv.contains(",usage,email@pk1,"), "a line drawn from the package");
     // a second demo starts afresh
     let again = ok(&Command::new(env!("CARGO_BIN_EXE_billrun"))
         .args(["demo", "--dir", d.to_str().unwrap()])
