@@ -184,6 +184,16 @@ fn read_pg(row: &PgRow, kinds: &[Kind]) -> Result<Row> {
     Ok(Row(out))
 }
 
+/// How long a SQLite statement waits for another writer's lock before failing with "database is
+/// locked": `BILLRUN_SQLITE_BUSY_TIMEOUT_MS`, default 60 s.
+fn sqlite_busy_timeout() -> Duration {
+    std::env::var("BILLRUN_SQLITE_BUSY_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::from_secs(60))
+}
+
 impl Db {
     /// Opens `sqlite://PATH` (created if missing, WAL) or `postgres://...`.
     pub async fn connect(url: &str) -> Result<Db> {
@@ -200,7 +210,7 @@ impl Db {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(Duration::from_secs(60))
+                .busy_timeout(sqlite_busy_timeout())
                 .foreign_keys(true)
                 // 64 MiB page cache: a big hour's inserts stay in memory until commit
                 .pragma("cache_size", "-65536")
