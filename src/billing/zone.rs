@@ -42,19 +42,45 @@ impl BillingZone {
         }
     }
 
-    /// Start of the billing hour that contains `t`: the latest local full hour at or before `t`.
+    /// Start of the billing hour that contains `t`: the latest local full hour at or before `t`,
+    /// or the latest change of UTC offset after it. Offset changes are hour boundaries, so where a
+    /// zone shifts by half an hour (Australia/Lord_Howe) the hour around the shift is cut in two
+    /// rather than overlapping its neighbour; for whole-hour shifts this changes nothing.
     pub fn hour_start(&self, t: i64) -> i64 {
-        t - (t + self.offset_at(t)).rem_euclid(HOUR)
+        let off = self.offset_at(t);
+        let c = t - (t + off).rem_euclid(HOUR);
+        if self.offset_at(c) == off {
+            c
+        } else {
+            self.first_offset_change(c, t)
+        }
     }
 
-    /// Start of the billing hour after the one starting at `h`.
+    /// Start of the billing hour after the one starting at (or containing) `h`: the next local full
+    /// hour, or the next change of UTC offset before it.
     pub fn next_hour(&self, h: i64) -> i64 {
-        let n = self.hour_start(h + HOUR);
-        if n > h {
+        let off = self.offset_at(h);
+        let n = h + HOUR - (h + off).rem_euclid(HOUR);
+        if self.offset_at(n - 1) == off {
             n
         } else {
-            h + HOUR
+            self.first_offset_change(h, n - 1)
         }
+    }
+
+    /// The first instant in (a, b] whose UTC offset differs from `a`'s; `b`'s must differ.
+    fn first_offset_change(&self, a: i64, b: i64) -> i64 {
+        let off = self.offset_at(a);
+        let (mut lo, mut hi) = (a, b);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if self.offset_at(mid) == off {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        hi
     }
 
     pub fn local_date(&self, t: i64) -> NaiveDate {
@@ -202,10 +228,42 @@ mod tests {
         assert_eq!(day("2024-06-01"), 24);
     }
 
+    /// Found by fuzzing (fuzz/fuzz_targets/hours.rs): Lord Howe Island shifts by half an hour, and
+    /// the hour after the shift began before it, inside its neighbour, and 1,800 s went unbilled. The shift is now an
+    /// hour boundary: the hour before it is whole, the half hour after it a hour of its own.
+    #[test]
+    fn half_hour_dst_shifts_cut_the_hour_without_overlap() {
+        let z = BillingZone::parse("Australia/Lord_Howe").unwrap();
+        let day = |d: &str| {
+            let date = NaiveDate::parse_from_str(d, "%Y-%m-%d").unwrap();
+            let start = z.instant_of_local(date.and_hms_opt(0, 0, 0).unwrap());
+            let end = z.instant_of_local(date.succ_opt().unwrap().and_hms_opt(0, 0, 0).unwrap());
+            let parts = split_by_hour(&z, start, end);
+            let total: i64 = parts.iter().map(|(_, a, b)| b - a).sum();
+            assert_eq!(total, end - start);
+            (parts.len(), total, parts.iter().map(|p| p.2 - p.1).collect::<Vec<_>>())
+        };
+        // spring forward 2024-10-06 02:00 +10:30 -> 02:30 +11:00: a 23.5-hour day
+        let (n, total, lens) = day("2024-10-06");
+        assert_eq!((n, total), (24, 23 * 3600 + 1800));
+        assert_eq!(&lens[..3], &[3600, 3600, 1800]);
+        assert_eq!(z.format(at("2024-10-05T15:30:00Z")), "2024-10-06T02:30:00+11:00");
+        assert_eq!(z.hour_start(at("2024-10-05T15:45:00Z")), at("2024-10-05T15:30:00Z"));
+        assert_eq!(z.next_hour(at("2024-10-05T15:30:00Z")), at("2024-10-05T16:00:00Z"));
+        // fall back 2024-04-07 02:00 +11:00 -> 01:30 +10:30: a 24.5-hour day
+        let (n, total, lens) = day("2024-04-07");
+        assert_eq!((n, total), (25, 24 * 3600 + 1800));
+        assert_eq!(&lens[..3], &[3600, 3600, 1800]);
+        // the fuzzer's input
+        let (start, end) = (655_027_200, 655_027_200 + 4_190_044_268 % 4_320_000);
+        let total: i64 = split_by_hour(&z, start, end).iter().map(|(_, a, b)| b - a).sum();
+        assert_eq!(total, end - start);
+    }
+
     proptest! {
         #[test]
-        fn splitting_conserves_seconds(start in 0i64..4_000_000_000, len in 0i64..400_000, zi in 0usize..4) {
-            let zones = ["UTC", "+05:30", "Europe/Berlin", "America/St_Johns"];
+        fn splitting_conserves_seconds(start in 0i64..4_000_000_000, len in 0i64..400_000, zi in 0usize..5) {
+            let zones = ["UTC", "+05:30", "Europe/Berlin", "America/St_Johns", "Australia/Lord_Howe"];
             let z = BillingZone::parse(zones[zi]).unwrap();
             let parts = split_by_hour(&z, start, start + len);
             let total: i64 = parts.iter().map(|(_, a, b)| b - a).sum();
