@@ -85,7 +85,7 @@ async fn postgres_restarted_while_the_daemon_settles_then_recovered() {
         return;
     };
     let wall = chrono::Utc::now().timestamp();
-    let h0 = wall - wall.rem_euclid(3600) - 24 * 3600;
+    let h0 = wall - wall.rem_euclid(3600) - 48 * 3600;
     let dir = tempfile::tempdir().unwrap();
     let doc = dir.path().join("world.json");
     std::fs::write(&doc, world(h0, 2000)).unwrap();
@@ -97,9 +97,10 @@ async fn postgres_restarted_while_the_daemon_settles_then_recovered() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // restart the server while the catch-up is under way
+    // restart the server while the catch-up settles the busy hours (the weeks before them are quiet
+    // runs recorded many at a time)
     let deadline = Instant::now() + Duration::from_secs(120);
-    while ok_runs(&down.url).await.iter().filter(|r| r.0 == "settle").count() < 4 {
+    while !ok_runs(&down.url).await.iter().any(|r| r.0 == "settle" && r.1 >= h0 + 4 * 3600) {
         assert!(Instant::now() < deadline, "the daemon did not start settling");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -126,9 +127,11 @@ async fn postgres_restarted_while_the_daemon_settles_then_recovered() {
     let out = daemon.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{log}");
+    // a restart between two transactions is ridden out by the pool (it reconnects); one that lands
+    // in a transaction fails that run, which is retried
     let failures = log.matches("it will be retried").count();
-    assert!(failures > 0, "the restart hit a run in progress: {log}");
     let runs = ok_runs(&down.url).await;
+    assert!(runs.len() > before, "the restart came in the middle of the catch-up");
     let settles: Vec<i64> = runs.iter().filter(|r| r.0 == "settle").map(|r| r.1).collect();
     assert!(settles.windows(2).all(|w| w[1] - w[0] == 3600), "every hour once, in order");
     // the reference: one undisturbed tick to the last run the daemon recorded
@@ -145,7 +148,7 @@ async fn postgres_restarted_while_the_daemon_settles_then_recovered() {
     assert!(csv.lines().count() > 20_000, "a busy day: {} lines", csv.lines().count());
     assert_eq!(csv, export(&calm.url), "the ledger equals the undisturbed one");
     eprintln!(
-        "postgres restarted after {before} runs: {failures} failed attempt(s) logged and retried; {} runs in all, ledger equal to the undisturbed run",
+        "postgres restarted after {before} runs: {failures} failed run attempt(s) logged and retried; {} runs in all, ledger equal to the undisturbed run",
         runs.len()
     );
 }
