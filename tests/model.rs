@@ -68,6 +68,8 @@ struct Sub {
 struct World {
     half_hour_zone: bool,
     balances: Vec<i64>,
+    /// (grace_days, retention_days) per account: short tiers freeze and release within the world
+    tiers: Vec<(i64, i64)>,
     prices: (i64, i64, i64),
     resources: Vec<Res>,
     segments: Vec<Seg>,
@@ -109,6 +111,7 @@ fn world() -> impl Strategy<Value = World> {
         (
             any::<bool>(),
             prop::collection::vec(0i64..3_000, 1..4),
+            prop::collection::vec(prop::sample::select(vec![(15i64, 15i64), (0, 1), (1, 1), (0, 0), (1, 15)]), 3),
             (1i64..20_000, 1i64..20_000, 1i64..20_000),
             prop::collection::vec(res, 1..6),
             prop::collection::vec(seg, 0..10),
@@ -123,9 +126,10 @@ fn world() -> impl Strategy<Value = World> {
         ),
     )
         .prop_map(
-            |((half_hour_zone, balances, prices, resources, segments, counts), (packages, subs, topups, operator, cuts))| World {
+            |((half_hour_zone, balances, tiers, prices, resources, segments, counts), (packages, subs, topups, operator, cuts))| World {
                 half_hour_zone,
                 balances,
+                tiers,
                 prices,
                 resources,
                 segments,
@@ -159,6 +163,7 @@ struct Plan {
     end: i64,
     ticks: Vec<i64>,
     balances: Vec<Decimal>,
+    tiers: Vec<(i64, i64)>,
     price: (Decimal, Decimal, Decimal),
     /// (account, qty, created, deleted)
     resources: Vec<(usize, i64, i64, Option<i64>)>,
@@ -245,6 +250,7 @@ impl Plan {
             t0,
             end,
             ticks,
+            tiers: (0..n).map(|i| w.tiers[i % w.tiers.len()]).collect(),
             balances,
             price: (d(w.prices.0, 4), d(w.prices.1, 4), d(w.prices.2, 4)),
             resources,
@@ -280,7 +286,9 @@ impl Plan {
     fn document(&self) -> String {
         let mut accounts = Vec::new();
         for (i, b) in self.balances.iter().enumerate() {
-            accounts.push(serde_json::json!({"id": format!("a{i}"), "balance": b.to_string()}));
+            let (grace, retention) = self.tiers[i];
+            accounts.push(serde_json::json!({"id": format!("a{i}"), "balance": b.to_string(),
+                "grace_days": grace, "retention_days": retention}));
         }
         // one package kind per quota drawn
         let kinds: serde_json::Map<String, serde_json::Value> = self
@@ -382,10 +390,55 @@ impl Ledger {
     }
 }
 
+/// Balances, and the arrears periods postings open and close.
+struct Books {
+    bal: Vec<Decimal>,
+    /// per account: [began, cleared) periods
+    periods: Vec<Vec<(i64, Option<i64>)>>,
+}
+
+impl Books {
+    /// Moves account `a`'s balance by `-due` at `at`: in arrears from a posting that leaves it below
+    /// zero, out of them at one that brings it back to zero or above.
+    fn post(&mut self, a: usize, due: Decimal, at: i64) {
+        self.bal[a] -= due;
+        let open = self.periods[a].last().is_some_and(|p| p.1.is_none());
+        if !open && self.bal[a] < Decimal::ZERO {
+            self.periods[a].push((at, None));
+        } else if open && self.bal[a] >= Decimal::ZERO {
+            self.periods[a].last_mut().unwrap().1 = Some(at);
+        }
+    }
+
+    /// Windows in which account `a`'s pay-per-use resources are frozen or released: frozen
+    /// `grace` days after arrears began, released `retention` days later (for good), unfrozen when
+    /// the arrears clear first. Fixed-offset zones: a day is 86,400 s.
+    fn unbillable(&self, a: usize, (grace, retention): (i64, i64)) -> Vec<(i64, i64)> {
+        let mut out = Vec::new();
+        for &(began, cleared) in &self.periods[a] {
+            let frozen = began + grace * DAY;
+            let released = frozen + retention * DAY;
+            match cleared {
+                Some(c) if c <= frozen => {}
+                Some(c) if c < released => out.push((frozen, c)),
+                _ => {
+                    out.push((frozen, i64::MAX));
+                    break;
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The model: walks the scheduled runs and returns the ledger and the balances it expects.
 fn model(p: &Plan) -> (Ledger, Vec<Decimal>) {
     let mut led = Ledger::default();
-    let mut bal = p.balances.clone();
+    let mut books = Books {
+        bal: p.balances.clone(),
+        periods: vec![Vec::new(); p.balances.len()],
+    };
+    let bal = &mut books.bal;
     let sub_price: Decimal = SUB_PRICE.parse().unwrap();
     // load: top-ups and purchases (amounts only; balances never go below zero on these)
     for (a, c, _) in &p.topups {
@@ -441,8 +494,12 @@ fn model(p: &Plan) -> (Ledger, Vec<Decimal>) {
                 let own = t - 2 * HOUR;
                 let mut hours = std::mem::take(&mut dirty);
                 hours.insert(own);
+                // the frozen windows as the run finds them
+                let windows: Vec<Vec<(i64, i64)>> = (0..p.balances.len()).map(|a| books.unbillable(a, p.tiers[a])).collect();
                 for h in hours {
-                    settle_hour(p, h, stage, &mut led, &mut bal, &mut cycles);
+                    for (a, due) in settle_hour(p, h, stage, &windows, &mut led, &mut cycles) {
+                        books.post(a, due, t);
+                    }
                 }
                 settled_through = Some(own);
             }
@@ -457,10 +514,10 @@ fn model(p: &Plan) -> (Ledger, Vec<Decimal>) {
                     if !auto || end <= t || today < exp - chrono::Duration::days(7) || today > exp {
                         continue;
                     }
-                    if bal[a] < Decimal::ZERO || bal[a] < sub_price {
+                    if books.bal[a] < Decimal::ZERO || books.bal[a] < sub_price {
                         continue;
                     }
-                    bal[a] -= sub_price;
+                    books.post(a, sub_price, t);
                     subs[i].2 += 1;
                     let new_exp = anchor.checked_add_months(Months::new(months + 1)).unwrap();
                     led.prepaid.insert((
@@ -476,7 +533,7 @@ fn model(p: &Plan) -> (Ledger, Vec<Decimal>) {
                 // after tick k: the operator's top-ups, then the usage loaded late
                 for (a, c, at_k) in &p.operator {
                     if *at_k == k {
-                        bal[*a] += c;
+                        books.post(*a, -c, t);
                     }
                 }
                 stage = k + 1;
@@ -499,25 +556,41 @@ fn model(p: &Plan) -> (Ledger, Vec<Decimal>) {
             }
         }
     }
-    (led.without_zeros(), bal)
+    (led.without_zeros(), books.bal)
 }
 
 /// Settles hour `h` with the data loaded up to `stage` (inclusive of stage `stage`'s loads, which
 /// happen after tick `stage - 1`): posts the difference from what is posted.
+/// Returns the amounts due it posts, by account, in the order billrun charges them (account,
+/// resource, item, quantity).
 fn settle_hour(
     p: &Plan,
     h: i64,
     stage: usize,
+    windows: &[Vec<(i64, i64)>],
     led: &mut Ledger,
-    bal: &mut [Decimal],
     cycles: &mut [(usize, i64, i64, usize, Decimal, Decimal)],
-) {
+) -> Vec<(usize, Decimal)> {
     let e = h + HOUR;
-    let overlap = |a: i64, b: i64| (b.min(e) - a.max(h)).max(0);
+    let account = |res: usize| p.resources[res].0;
+    let frozen = |res: usize, t: i64| windows[account(res)].iter().any(|&(a, b)| a <= t && t < b);
+    // seconds of [a, b) inside the hour and outside the resource's frozen or released windows
+    let overlap = |res: usize, a: i64, b: i64| {
+        let (a, b) = (a.max(h), b.min(e));
+        if a >= b {
+            return 0;
+        }
+        let mut secs = b - a;
+        for &(wa, wb) in &windows[account(res)] {
+            secs -= (b.min(wb) - a.max(wa)).max(0);
+        }
+        secs
+    };
+    let mut postings: Vec<((usize, String, String, Decimal), Decimal)> = Vec::new();
     // time-metered: instance lifetimes and gb segments
     let mut desired: BTreeMap<TimeKey, (i64, Decimal)> = BTreeMap::new();
     for (i, (_, q, c, del)) in p.resources.iter().enumerate() {
-        let s = overlap(*c, del.unwrap_or(i64::MAX));
+        let s = overlap(i, *c, del.unwrap_or(i64::MAX));
         if s > 0 {
             let qty = Decimal::from(*q);
             let v = desired.entry((i, "instance".into(), h, qty.normalize().to_string())).or_default();
@@ -526,7 +599,7 @@ fn settle_hour(
         }
     }
     for (res, q, from, to, s) in &p.segments {
-        let secs = overlap(*from, *to);
+        let secs = overlap(*res, *from, *to);
         if *s <= stage && secs > 0 {
             let v = desired.entry((*res, "gb".into(), h, q.normalize().to_string())).or_default();
             v.0 += secs;
@@ -542,12 +615,15 @@ fn settle_hour(
         let posted = led.time.entry(key.clone()).or_default();
         let delta = due - posted.2;
         *posted = (secs, list, due);
-        bal[p.resources[key.0].0] -= delta;
+        postings.push((
+            (account(key.0), format!("r{}", key.0), key.1.clone(), key.3.parse().unwrap()),
+            delta,
+        ));
     }
     // count-metered: records of the hour, drawn from packages (expiring first), the rest billed
     let mut records: BTreeMap<usize, Vec<(i64, Decimal)>> = BTreeMap::new();
     for (res, n, at, s) in &p.counts {
-        if *s <= stage && h <= *at && *at < e {
+        if *s <= stage && h <= *at && *at < e && !frozen(*res, *at) {
             records.entry(*res).or_default().push((*at, *n));
         }
     }
@@ -595,9 +671,11 @@ fn settle_hour(
         let list = round8(excess * p.price.2);
         let due = trunc2(list);
         let posted = led.count.entry((res, h)).or_default();
-        bal[p.resources[res].0] -= due - posted.2;
+        postings.push(((account(res), format!("r{res}"), "req".into(), excess - posted.0), due - posted.2));
         *posted = (excess, list, due);
     }
+    postings.sort_by(|a, b| a.0.cmp(&b.0));
+    postings.into_iter().map(|((a, ..), due)| (a, due)).collect()
 }
 
 /// What billrun posted, in the model's terms, and checks the per-line invariants on the way.
