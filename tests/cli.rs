@@ -258,3 +258,51 @@ fn cron_expressions_from_configuration() {
     // a malformed expression is refused, naming the flag
     fails(&billrun(&six, &["--daily-cron", "3 0 * * *", "tick"]), 2, "--daily-cron");
 }
+
+/// 100 MB documents: a hostile one (an id of 100 MB, a document cut off after 100 MB of
+/// whitespace) exits 2 naming the problem; a genuine one (about 100 MB of usage records) is
+/// accepted and billed.
+#[test]
+fn hundred_megabyte_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("big.db").display());
+    let mb = 100 * 1024 * 1024;
+    let long_id = dir.path().join("long-id.json");
+    std::fs::write(&long_id, format!(r#"{{"accounts": [{{"id": "{}"}}]}}"#, "x".repeat(mb))).unwrap();
+    fails(&billrun(&url, &["load", long_id.to_str().unwrap()]), 2, "accounts[0]");
+    let cut = dir.path().join("cut.json");
+    std::fs::write(&cut, format!(r#"{{"accounts": [{}"#, " ".repeat(mb))).unwrap();
+    fails(&billrun(&url, &["load", cut.to_str().unwrap()]), 2, "EOF while parsing");
+    // a genuine 100 MB document: one resource and 800,000 short segments
+    let big = dir.path().join("usage.json");
+    let mut doc = String::with_capacity(mb + 1024);
+    doc.push_str(
+        r#"{"accounts": [{"id": "acme", "balance": "1000.00"}],
+        "plans": [{"id": "drive", "product": "KooDrive", "hourly": {"storage_gb": "0.0001"}}],
+        "resources": [{"id": "d1", "account": "acme", "plan": "drive", "mode": "pay_per_use", "created_at": "2024-01-01T00:00:00Z"}],
+        "usage": ["#,
+    );
+    let start = 1_704_067_200i64;
+    let n = 800_000;
+    for i in 0..n {
+        let from = chrono::DateTime::from_timestamp(start + i * 2, 0).unwrap().to_rfc3339();
+        let to = chrono::DateTime::from_timestamp(start + i * 2 + 1, 0).unwrap().to_rfc3339();
+        let sep = if i == 0 { "" } else { "," };
+        doc.push_str(&format!(
+            r#"{sep}{{"resource": "d1", "item": "storage_gb", "quantity": "36000", "from": "{from}", "to": "{to}", "at": null}}"#
+        ));
+    }
+    doc.push_str("]}");
+    assert!(doc.len() > mb, "{} bytes", doc.len());
+    std::fs::write(&big, &doc).unwrap();
+    drop(doc);
+    let out = ok(&billrun(&url, &["load", big.to_str().unwrap()]));
+    assert!(out.contains("800000 usage records"), "{out}");
+    // 800,000 one-second uses of 36,000 GB at 0.0001/h: 0.001 each, 800 in all over 445 hours
+    ok(&billrun(&url, &["tick", "--now", "2024-01-20T12:00:00Z"]));
+    let csv = ok(&billrun(&url, &["export"]));
+    let rows = common::rows(&csv);
+    let list: rust_decimal::Decimal = rows.iter().map(|r| common::dec(&r["list_amount"])).sum();
+    let seconds: i64 = rows.iter().map(|r| r["usage_seconds"].parse::<i64>().unwrap()).sum();
+    assert_eq!((seconds, list), (800_000, common::dec("800.0")));
+}

@@ -635,3 +635,35 @@ async fn dst_days_bill_23_and_25_hours_and_time_never_runs_backwards() {
     })
     .await;
 }
+
+/// Settlement looks for an hour's segments among those starting at most the longest loaded
+/// segment before it: a long segment loaded after short ones is still found in every hour it
+/// covers, and so is one loaded late into hours already settled.
+#[tokio::test]
+async fn long_segments_loaded_after_short_ones_are_billed_in_every_hour() {
+    let doc = r#"{"accounts": [{"id": "acme", "balance": "100.00"}],
+        "plans": [{"id": "drive", "product": "KooDrive", "hourly": {"storage_gb": "0.36"}}],
+        "resources": [{"id": "d1", "account": "acme", "plan": "drive", "mode": "pay_per_use", "created_at": "2024-03-01T00:00:00Z"}],
+        "usage": [{"resource": "d1", "item": "storage_gb", "quantity": "1", "from": "2024-03-01T00:00:00Z", "to": "2024-03-01T00:01:00Z"}]}"#;
+    on_each_backend(async |be| {
+        let b = be.open("UTC").await;
+        b.load_json("short.json", doc).await.unwrap();
+        b.tick(t("2024-03-01T12:00:00Z"), |_, _| {}).await.unwrap();
+        // 30 hours from 02:00, ten of them already settled; and a two-hour one inside them
+        let late = r#"{"usage": [{"resource": "d1", "item": "storage_gb", "quantity": "2", "from": "2024-03-01T02:00:00Z", "to": "2024-03-02T08:00:00Z"},
+                                 {"resource": "d1", "item": "storage_gb", "quantity": "3", "from": "2024-03-01T20:30:00Z", "to": "2024-03-01T22:30:00Z"}]}"#;
+        b.load_json("long.json", late).await.unwrap();
+        b.tick(t("2024-03-03T00:00:00Z"), |_, _| {}).await.unwrap();
+        let rows = rows(&csv(&b).await);
+        let seconds = |q: &str| -> i64 {
+            rows.iter()
+                .filter(|r| r["quantity"] == q)
+                .map(|r| r["usage_seconds"].parse::<i64>().unwrap())
+                .sum()
+        };
+        assert_eq!((seconds("1"), seconds("2"), seconds("3")), (60, 30 * 3600, 2 * 3600), "{}", be.name);
+        let hours = rows.iter().filter(|r| r["quantity"] == "2").count();
+        assert_eq!(hours, 30, "{}: one line per hour", be.name);
+    })
+    .await;
+}

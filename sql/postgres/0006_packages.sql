@@ -29,3 +29,8 @@ CREATE TABLE package_cycles (
     used       NUMERIC NOT NULL DEFAULT 0,
     PRIMARY KEY (package_id, cycle)
 );
+-- The longest usage segment loaded, so that settlement finds an hour's segments on the from_at
+-- index among those starting at most this long before the hour (kept up to date by every load).
+INSERT INTO meta (key, value)
+SELECT 'longest_segment_seconds', CAST(COALESCE(MAX(to_at - from_at), 0) AS TEXT) FROM usage_segments WHERE 1 = 1
+ON CONFLICT (key) DO NOTHING;

@@ -359,6 +359,7 @@ async fn settle_chunk(
         .flatten()
         .map(|c| ((c.package_id.clone(), c.cycle), c.used))
         .collect();
+    let segment_span = super::world::segment_span(&mut tx).await?;
     for &hour in &plan.hours {
         let ctx = HourContext {
             zone,
@@ -367,6 +368,7 @@ async fn settle_chunk(
             plans: &plans,
             run,
             periods: &periods,
+            segment_span,
         };
         lines.extend(settle_hour(&mut tx, &ctx, &mut books, &mut events, &mut quotas).await?);
     }
@@ -472,6 +474,8 @@ struct HourContext<'a> {
     plans: &'a HashMap<String, Plan>,
     run: &'a SettleRun,
     periods: &'a HashMap<String, Vec<ArrearsPeriod>>,
+    /// The longest usage segment loaded: an hour's segments start at most this long before it.
+    segment_span: i64,
 }
 
 async fn settle_hour(
@@ -488,6 +492,7 @@ async fn settle_hour(
         plans,
         run,
         periods,
+        segment_span,
     } = *ctx;
     let end = zone.next_hour(hour);
     // pay-per-use from creation (or from a change to pay-per-use) until deletion or release
@@ -524,14 +529,14 @@ async fn settle_hour(
             (m.id.clone(), m)
         })
         .collect();
-    let (cond, extra) = range_sql("r.account_id", range, 3);
+    let (cond, extra) = range_sql("r.account_id", range, 4);
     let segments: Vec<UsageSegment> = tx
         .rows(
             sqlx::AssertSqlSafe(format!(
                 "SELECT s.resource_id, s.item, s.quantity, s.from_at, s.to_at FROM usage_segments s JOIN resources r ON r.id = s.resource_id \
-                 WHERE s.superseded = 0 AND s.from_at < $2 AND s.to_at > $1{cond}"
+                 WHERE s.superseded = 0 AND s.from_at < $2 AND s.from_at >= $3 AND s.to_at > $1{cond}"
             )),
-            [vec![hour.into(), end.into()], extra].concat(),
+            [vec![hour.into(), end.into(), (hour - segment_span).into()], extra].concat(),
             &[Kind::Text, Kind::Text, Kind::Money, Kind::Int, Kind::Int],
         )
         .await?
@@ -651,14 +656,15 @@ pub async fn record_empty_runs(db: &Db, zone: &BillingZone, runs: &[(i64, Vec<i6
     let end = zone.next_hour(last);
     let mut tx = db.begin().await?;
     lock_horizon(&mut tx, true).await?;
+    let span = super::world::segment_span(&mut tx).await?;
     let busy = tx
         .rows(
             "SELECT (SELECT COUNT(*) FROM resources WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL) AND created_at < $2 \
              AND (ppu_from IS NULL OR ppu_from < $2) AND (deleted_at IS NULL OR deleted_at > $1) AND (released_at IS NULL OR released_at > $1)) \
-             + (SELECT COUNT(*) FROM usage_segments WHERE superseded = 0 AND from_at < $2 AND to_at > $1) \
+             + (SELECT COUNT(*) FROM usage_segments WHERE superseded = 0 AND from_at < $2 AND from_at >= $3 AND to_at > $1) \
              + (SELECT COUNT(*) FROM usage_counts WHERE superseded = 0 AND at >= $1 AND at < $2) \
              + (SELECT COUNT(*) FROM dirty_hours) + (SELECT COUNT(*) FROM ledger WHERE hour_start >= $1 AND hour_start < $2)",
-            vec![first.into(), end.into()],
+            vec![first.into(), end.into(), (first - span).into()],
             &[Kind::Int],
         )
         .await?[0]

@@ -12,7 +12,37 @@ use crate::store::packages;
 use crate::store::subscriptions::post_purchase;
 use anyhow::{Context, Result};
 use rust_decimal::Decimal;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
+
+/// The meta row holding the longest usage segment ever loaded, in seconds: settlement looks for
+/// the segments of an hour among those that start at most this long before it, on the index.
+pub(crate) const SEGMENT_SPAN: &str = "longest_segment_seconds";
+
+/// Raises the longest segment span to at least `seconds`, atomically (concurrent loads on
+/// PostgreSQL each keep the larger value).
+async fn widen_segment_span(tx: &mut Tx, seconds: i64) -> Result<()> {
+    let sql = if tx.backend() == super::db::Backend::Postgres {
+        "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE \
+         SET value = GREATEST(meta.value::BIGINT, EXCLUDED.value::BIGINT)::TEXT"
+    } else {
+        "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE \
+         SET value = CAST(max(CAST(meta.value AS INTEGER), CAST(excluded.value AS INTEGER)) AS TEXT)"
+    };
+    tx.exec(sql, vec![SEGMENT_SPAN.into(), seconds.to_string().into()]).await?;
+    Ok(())
+}
+
+/// The longest usage segment loaded so far, in seconds. Without the row (which the migration and
+/// every load write) no bound is assumed.
+pub(crate) async fn segment_span(tx: &mut Tx) -> Result<i64> {
+    let row = tx
+        .rows("SELECT value FROM meta WHERE key = $1", vec![SEGMENT_SPAN.into()], &[Kind::Text])
+        .await?;
+    Ok(match row.first() {
+        Some(r) => r.text(0).parse().context("stored longest_segment_seconds")?,
+        None => i64::MAX / 4,
+    })
+}
 
 pub const SETTLE_JOB: &str = "settle";
 
@@ -330,20 +360,44 @@ async fn write_batch(
             mark_dirty(zone, r.created_at, r.deleted_at.unwrap_or(i64::MAX), watermark, dirty);
         }
     }
-    for seg in &b.segments {
-        // a new reading for the same (resource, item, from) corrects the earlier one
-        let old = tx
-            .rows(
-                "UPDATE usage_segments SET superseded = 1 WHERE resource_id = $1 AND item = $2 AND from_at = $3 AND superseded = 0 RETURNING to_at",
-                vec![seg.resource_id.clone().into(), seg.item.clone().into(), seg.from.into()],
-                &[Kind::Int],
-            )
-            .await?;
-        for r in &old {
-            s.corrected_readings += 1;
-            mark_dirty(zone, seg.from, r.int(0), watermark, dirty);
+    // a new reading for the same (resource, item, from) corrects the earlier one: the readings of
+    // the resources concerned are read once, and only those corrected are updated
+    let readings: HashSet<(&str, &str, i64)> = b
+        .segments
+        .iter()
+        .map(|g| (g.resource_id.as_str(), g.item.as_str(), g.from))
+        .collect();
+    let mut ids: Vec<String> = b.segments.iter().map(|g| g.resource_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    let loaded = tx
+        .rows_in(
+            "SELECT resource_id, item, from_at, to_at FROM usage_segments WHERE superseded = 0 AND resource_id IN",
+            &ids,
+            "",
+            &[Kind::Text, Kind::Text, Kind::Int, Kind::Int],
+        )
+        .await?;
+    for r in loaded {
+        let (resource, item, from) = (r.text(0), r.text(1), r.int(2));
+        if !readings.contains(&(resource.as_str(), item.as_str(), from)) {
+            continue;
         }
+        tx.exec(
+            "UPDATE usage_segments SET superseded = 1 WHERE resource_id = $1 AND item = $2 AND from_at = $3 AND superseded = 0",
+            vec![resource.into(), item.into(), from.into()],
+        )
+        .await?;
+        s.corrected_readings += 1;
+        mark_dirty(zone, from, r.int(3), watermark, dirty);
+    }
+    let mut longest = 0;
+    for seg in &b.segments {
         mark_dirty(zone, seg.from, seg.to, watermark, dirty);
+        longest = longest.max(seg.to - seg.from);
+    }
+    if longest > 0 {
+        widen_segment_span(tx, longest).await?;
     }
     let segments = b
         .segments
@@ -366,15 +420,31 @@ async fn write_batch(
             "",
         )
         .await? as usize;
-    for c in &b.counts {
-        // a new count for the same (resource, item, at) corrects the earlier one
-        let old = tx
-            .exec(
+    // a new count for the same (resource, item, at) corrects the earlier one
+    let records: HashSet<(&str, &str, i64)> = b.counts.iter().map(|c| (c.resource_id.as_str(), c.item.as_str(), c.at)).collect();
+    let mut ids: Vec<String> = b.counts.iter().map(|c| c.resource_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    let loaded = tx
+        .rows_in(
+            "SELECT resource_id, item, at FROM usage_counts WHERE superseded = 0 AND resource_id IN",
+            &ids,
+            "",
+            &[Kind::Text, Kind::Text, Kind::Int],
+        )
+        .await?;
+    for r in loaded {
+        let (resource, item, at) = (r.text(0), r.text(1), r.int(2));
+        if records.contains(&(resource.as_str(), item.as_str(), at)) {
+            tx.exec(
                 "UPDATE usage_counts SET superseded = 1 WHERE resource_id = $1 AND item = $2 AND at = $3 AND superseded = 0",
-                vec![c.resource_id.clone().into(), c.item.clone().into(), c.at.into()],
+                vec![resource.into(), item.into(), at.into()],
             )
             .await?;
-        s.corrected_readings += old as usize;
+            s.corrected_readings += 1;
+        }
+    }
+    for c in &b.counts {
         mark_dirty(zone, c.at, c.at + 1, watermark, dirty);
     }
     let counts = b
