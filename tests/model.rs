@@ -765,6 +765,18 @@ async fn run_world(be: &Backend, p: &Plan, split: bool) -> (String, Vec<Decimal>
             balance
         })
         .collect();
+    // every notification at most once
+    let notes = b.notifications(None).await.unwrap();
+    let keys: BTreeSet<String> = notes
+        .iter()
+        .map(|n| {
+            format!(
+                "{} {} {} {} {} {}",
+                n["kind"], n["account_id"], n["resource_id"], n["at"], n["days_before"], n["expires_on"]
+            )
+        })
+        .collect();
+    assert_eq!(keys.len(), notes.len(), "a notification twice: {notes:?}");
     (csv(&b).await, balances)
 }
 
