@@ -306,3 +306,64 @@ fn hundred_megabyte_documents() {
     let seconds: i64 = rows.iter().map(|r| r["usage_seconds"].parse::<i64>().unwrap()).sum();
     assert_eq!((seconds, list), (800_000, common::dec("800.0")));
 }
+
+/// Hostile command-line arguments: each exits 2 naming the argument, or is accepted; none panics
+/// and none changes anything when refused.
+#[test]
+fn hostile_arguments_exit_2_naming_the_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("args.db").display());
+    let doc = dir.path().join("w.json");
+    std::fs::write(
+        &doc,
+        r#"{"accounts": [{"id": "acme", "balance": "100.00"}],
+            "plans": [{"id": "p", "product": "KooPhone", "hourly": {"instance": "0.36"}, "monthly": "9.90"}],
+            "resources": [{"id": "s1", "account": "acme", "plan": "p", "mode": "monthly", "purchased_at": "2024-01-10T00:00:00Z"}]}"#,
+    )
+    .unwrap();
+    ok(&billrun(&url, &["load", doc.to_str().unwrap()]));
+    let before = ok(&billrun(&url, &["export"]));
+    let refused: &[(&[&str], &str)] = &[
+        (&["topup", "acme", "NaN"], "AMOUNT"),
+        (&["topup", "acme", "Infinity"], "AMOUNT"),
+        (&["topup", "acme", "1e3"], "AMOUNT"),
+        (&["topup", "acme", "123456789012345678901234567890"], "AMOUNT"),
+        (&["topup", "acme", "0.000000000000000000000000000001"], "AMOUNT"),
+        (&["topup", "acme", "--", "-5.00"], "AMOUNT"),
+        (&["topup", "acme", "0"], "AMOUNT"),
+        (&["topup", "nobody", "5.00"], "nobody"),
+        (&["topup", "acme", "5.00", "--at", "1969-12-31T23:59:59Z"], "--at"),
+        (&["topup", "acme", "5.00", "--at", "9999-01-01T00:00:00Z"], "--at"),
+        (&["topup", "acme", "5.00", "--at", "2024-01-10T12:00:00"], "--at"),
+        (&["topup", "acme", "5.00", "--at", "2024-02-30T00:00:00Z"], "--at"),
+        (&["topup", "acme", "5.00", "--at", "2024-01-10T12:00:00.5Z"], "--at"),
+        (&["tick", "--now", "tomorrow"], "--now"),
+        (&["tick", "--now", "2024-01-10T12:00:00+25:00"], "--now"),
+        (&["renew", "s1", "--periods", "99999999999999999999"], "--periods"),
+        (&["renew", "s1", "--periods", "abc"], "--periods"),
+        (&["renew", "s1", "--periods", "-1"], "--periods"),
+        (&["export", "--from", "garbage"], "--from"),
+        (&["settle", "--hour", "2024-01-10T10:00:00Z", "--at", "NaN"], "--at"),
+        (&["--chunk-resources", "-1", "tick", "--now", "2024-01-10T12:00:00Z"], "'-1'"),
+        (&["--chunk-resources", "99999999999999999999999", "tick"], "chunk"),
+        (&["--timezone", "Mars/Olympus_Mons", "status"], "--timezone"),
+        (&["--timezone", "+99:00", "status"], "--timezone"),
+        (&["unsubscribe", "日本語"], "日本語"),
+    ];
+    for (args, mention) in refused {
+        let o = billrun(&url, args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(mention), "{args:?} should name {mention:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    assert_eq!(ok(&billrun(&url, &["export"])), before, "nothing changed");
+    // accepted: an instant inside Berlin's DST gap written with its offset is an ordinary instant;
+    // unicode and formula-like ids are only looked up
+    ok(&billrun(
+        &url,
+        &["export", "--account", "日本語", "--from", "2024-03-31T02:30:00+01:00"],
+    ));
+    ok(&billrun(&url, &["notifications", "--account", "=HYPERLINK(\"x\")"]));
+    ok(&billrun(&url, &["tick", "--now", "2024-03-31T02:30:00+01:00"]));
+}
