@@ -5,7 +5,7 @@
 use super::db::{Db, Kind, Row, Tx, Val};
 use super::ledger;
 use super::runs::{self, Claim};
-use super::world::{all_plans, notify_event, plan_of, record_arrears_events, save_accounts, Notice};
+use super::world::{all_plans, notify_event, notify_events, plan_of, record_arrears_events, save_accounts, Notice};
 use crate::billing::lifecycle::{
     alert_days, days_until, expiry_transitions, refund_at, renewal_due, resource_arrears_transitions, ArrearsPeriod, PaidCycle, State,
 };
@@ -76,13 +76,14 @@ fn sub_of(r: &Row) -> Result<Subscription> {
     })
 }
 
-async fn subscriptions(tx: &mut Tx, only: Option<&str>) -> Result<Vec<Subscription>> {
+/// Subscriptions (one, or all not released by `live_at`: a released one has nothing left to do).
+async fn subscriptions(tx: &mut Tx, only: Option<&str>, live_at: Option<i64>) -> Result<Vec<Subscription>> {
     let rows = tx
         .rows(
             "SELECT id, account_id, plan_id, mode, quantity, created_at, anchor_date, months_paid, auto_renew, auto_renew_times, \
              renewals_done, renew_days_before, ppu_from, ppu_at_expiry, released_at, package, serves, parts FROM resources \
-             WHERE mode <> 'pay_per_use' AND ($1 = '' OR id = $1) ORDER BY account_id, id",
-            vec![only.unwrap_or("").into()],
+             WHERE mode <> 'pay_per_use' AND ($1 = '' OR id = $1) AND (released_at IS NULL OR released_at > $2) ORDER BY account_id, id",
+            vec![only.unwrap_or("").into(), live_at.unwrap_or(i64::MIN).into()],
             SUB_KINDS,
         )
         .await?;
@@ -217,8 +218,9 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
     )
     .await?;
     let mut events: Vec<ArrearsEvent> = Vec::new();
-    let mut subs = subscriptions(&mut tx, None).await?;
+    let mut subs = subscriptions(&mut tx, None, Some(at)).await?;
     let mut changed = vec![false; subs.len()];
+    let (mut renewal_notices, mut transitions, mut alerts) = (Vec::new(), Vec::new(), Vec::new());
 
     // 1. renewal attempts, in account then resource order (balances are shared)
     for (i, sub) in subs.iter_mut().enumerate() {
@@ -253,20 +255,16 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
         let old_expiry = sub.expires_on();
         if let Some(reason) = refusal {
             out.renewal_failures += 1;
-            notify_event(
-                &mut tx,
-                Notice {
-                    key: json!(["renewal_failed", sub.id, old_expiry.to_string(), today.to_string()]).to_string(),
-                    kind: "renewal_failed",
-                    account_id: sub.account_id.clone(),
-                    resource_id: Some(sub.id.clone()),
-                    at,
-                    expires_on: Some(old_expiry.to_string()),
-                    reason: Some(reason),
-                    ..Default::default()
-                },
-            )
-            .await?;
+            renewal_notices.push(Notice {
+                key: json!(["renewal_failed", sub.id, old_expiry.to_string(), today.to_string()]).to_string(),
+                kind: "renewal_failed",
+                account_id: sub.account_id.clone(),
+                resource_id: Some(sub.id.clone()),
+                at,
+                expires_on: Some(old_expiry.to_string()),
+                reason: Some(reason),
+                ..Default::default()
+            });
             continue;
         }
         let months = period_months(plan, sub);
@@ -294,20 +292,19 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
             &mut events,
         ));
         out.renewals += 1;
-        notify_event(
-            &mut tx,
-            Notice {
-                key: json!(["renewal_succeeded", sub.id, new_expiry.to_string()]).to_string(),
-                kind: "renewal_succeeded",
-                account_id: sub.account_id.clone(),
-                resource_id: Some(sub.id.clone()),
-                at,
-                expires_on: Some(new_expiry.to_string()),
-                ..Default::default()
-            },
-        )
-        .await?;
+        renewal_notices.push(Notice {
+            key: json!(["renewal_succeeded", sub.id, new_expiry.to_string()]).to_string(),
+            kind: "renewal_succeeded",
+            account_id: sub.account_id.clone(),
+            resource_id: Some(sub.id.clone()),
+            at,
+            expires_on: Some(new_expiry.to_string()),
+            ..Default::default()
+        });
     }
+    // notifications are written many per statement (a day of a million subscriptions has
+    // hundreds of thousands)
+    notify_events(&mut tx, std::mem::take(&mut renewal_notices)).await?;
 
     // 2. lifecycle transitions at their exact instants, recorded once whichever run sees them
     for (i, sub) in subs.iter_mut().enumerate() {
@@ -320,26 +317,22 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
                 break;
             }
             let kind = transition_kind(tr.state).expect("expiry transitions are named");
-            let new = notify_event(
-                &mut tx,
-                Notice {
-                    key: json!([kind, sub.id, tr.at]).to_string(),
-                    kind,
-                    account_id: sub.account_id.clone(),
-                    resource_id: Some(sub.id.clone()),
-                    at: tr.at,
-                    expires_on: Some(sub.expires_on().to_string()),
-                    ..Default::default()
-                },
-            )
-            .await?;
-            out.transitions += new as usize;
+            transitions.push(Notice {
+                key: json!([kind, sub.id, tr.at]).to_string(),
+                kind,
+                account_id: sub.account_id.clone(),
+                resource_id: Some(sub.id.clone()),
+                at: tr.at,
+                expires_on: Some(sub.expires_on().to_string()),
+                ..Default::default()
+            });
             if tr.state == State::Released {
                 sub.released_at = Some(tr.at);
                 changed[i] = true;
             }
         }
     }
+    out.transitions += notify_events(&mut tx, transitions).await?;
     out.transitions += ppu_arrears_transitions(&mut tx, zone, at).await?;
 
     // 3. expiry alerts for the cycles still running
@@ -354,23 +347,19 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
             None => (alert_days(sub.mode), "expiry_alert"),
         };
         if days_before.contains(&days) {
-            let new = notify_event(
-                &mut tx,
-                Notice {
-                    key: json!([kind, sub.id, sub.expires_on().to_string(), days]).to_string(),
-                    kind,
-                    account_id: sub.account_id.clone(),
-                    resource_id: Some(sub.id.clone()),
-                    at,
-                    days_before: Some(days),
-                    expires_on: Some(sub.expires_on().to_string()),
-                    ..Default::default()
-                },
-            )
-            .await?;
-            out.alerts += new as usize;
+            alerts.push(Notice {
+                key: json!([kind, sub.id, sub.expires_on().to_string(), days]).to_string(),
+                kind,
+                account_id: sub.account_id.clone(),
+                resource_id: Some(sub.id.clone()),
+                at,
+                days_before: Some(days),
+                expires_on: Some(sub.expires_on().to_string()),
+                ..Default::default()
+            });
         }
     }
+    out.alerts += notify_events(&mut tx, alerts).await?;
     // only the newest undelivered alert of a resource is sent: older ones are superseded
     tx.exec(
         "UPDATE notifications SET delivery = 'superseded' WHERE kind = 'expiry_alert' AND delivery = 'pending' AND EXISTS \
@@ -474,7 +463,7 @@ fn input(msg: String) -> anyhow::Error {
 }
 
 async fn one_subscription(tx: &mut Tx, resource: &str) -> Result<Subscription> {
-    let subs = subscriptions(tx, Some(resource)).await?;
+    let subs = subscriptions(tx, Some(resource), None).await?;
     match subs.into_iter().next() {
         Some(s) => Ok(s),
         None => {

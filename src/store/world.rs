@@ -640,6 +640,43 @@ pub(crate) async fn notify_event(tx: &mut Tx, n: Notice) -> Result<bool> {
     Ok(rows > 0)
 }
 
+/// Writes many notifications in the caller's transaction, many per statement; events already
+/// written are skipped. Returns how many were new.
+pub(crate) async fn notify_events(tx: &mut Tx, notices: Vec<Notice>) -> Result<usize> {
+    let rows = notices
+        .into_iter()
+        .map(|n| {
+            vec![
+                n.key.into(),
+                n.kind.into(),
+                n.account_id.into(),
+                n.resource_id.into(),
+                n.at.into(),
+                n.days_before.into(),
+                n.expires_on.into(),
+                n.reason.into(),
+            ]
+        })
+        .collect();
+    Ok(tx
+        .insert_rows(
+            "notifications",
+            &[
+                "event_key",
+                "kind",
+                "account_id",
+                "resource_id",
+                "at",
+                "days_before",
+                "expires_on",
+                "reason",
+            ],
+            rows,
+            "ON CONFLICT (event_key) DO NOTHING",
+        )
+        .await? as usize)
+}
+
 async fn notify(tx: &mut Tx, kind: &'static str, account_id: &str, at: i64) -> Result<()> {
     let key = serde_json::json!([kind, account_id, at]).to_string();
     notify_event(
