@@ -38,6 +38,18 @@ fn main() -> Result<()> {
     }
     let quick = args.iter().any(|a| a == "--quick");
     let sizes: &[usize] = if quick { &[10_000] } else { &[10_000, 100_000, 1_000_000] };
+    // `--only settle,catchup,daily,year` runs just those parts; `--subs N` sizes the daily world
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let part = |p: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == p));
+    let subs_override: Option<usize> = args
+        .iter()
+        .position(|a| a == "--subs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok());
     let work = tempfile::tempdir()?;
     let mut backends = vec![Target::Sqlite];
     if let Ok(url) = std::env::var("BILLRUN_BENCH_DATABASE_URL") {
@@ -50,7 +62,7 @@ fn main() -> Result<()> {
     let mut csv_raw_done = std::collections::HashSet::new();
     for target in &backends {
         let name = target.name();
-        for &n in sizes {
+        for &n in sizes.iter().filter(|_| part("settle")) {
             let accounts = n.min(100_000);
             let doc = work.path().join(format!("ppu-{n}.json"));
             if !doc.exists() {
@@ -112,36 +124,39 @@ fn main() -> Result<()> {
         }
         // 24 hours of catch-up at once
         let n = if quick { 10_000 } else { 100_000 };
-        let doc = work.path().join(format!("ppu-{n}.json"));
-        if !doc.exists() {
-            write_ppu_world(&doc, n, n.min(100_000))?;
-        }
-        let db = rt.block_on(target.fresh(work.path(), "catchup"))?;
-        run_child(&["load", &db.url, doc.to_str().unwrap()])?;
-        let c = run_child(&["tick", &db.url, &iso(H0 + 25 * HOUR)])?;
-        println!(
-            "{name:8} catch-up of 24 hours, {n} resources: {} lines in {:.2} s ({:.0} lines/s), peak RSS {:.0} MiB",
-            c["lines"],
-            c["seconds"].as_f64().unwrap_or(0.0),
-            c["lines"].as_f64().unwrap_or(0.0) / c["seconds"].as_f64().unwrap_or(1.0),
-            c["peak_rss_mib"].as_f64().unwrap_or(0.0)
-        );
-        results.push(
-            json!({"backend": name, "figure": "catch_up_24h", "n": n, "lines": c["lines"], "settle_runs": c["settle_runs"],
+        if part("catchup") {
+            let doc = work.path().join(format!("ppu-{n}.json"));
+            if !doc.exists() {
+                write_ppu_world(&doc, n, n.min(100_000))?;
+            }
+            let db = rt.block_on(target.fresh(work.path(), "catchup"))?;
+            run_child(&["load", &db.url, doc.to_str().unwrap()])?;
+            let c = run_child(&["tick", &db.url, &iso(H0 + 25 * HOUR)])?;
+            println!(
+                "{name:8} catch-up of 24 hours, {n} resources: {} lines in {:.2} s ({:.0} lines/s), peak RSS {:.0} MiB",
+                c["lines"],
+                c["seconds"].as_f64().unwrap_or(0.0),
+                c["lines"].as_f64().unwrap_or(0.0) / c["seconds"].as_f64().unwrap_or(1.0),
+                c["peak_rss_mib"].as_f64().unwrap_or(0.0)
+            );
+            results.push(
+                json!({"backend": name, "figure": "catch_up_24h", "n": n, "lines": c["lines"], "settle_runs": c["settle_runs"],
             "seconds": c["seconds"], "peak_rss_mib": c["peak_rss_mib"]}),
-        );
-        rt.block_on(target.drop_db(&db))?;
+            );
+            rt.block_on(target.drop_db(&db))?;
+        }
 
         // the daily job over many subscriptions
-        let subs = if quick { 10_000 } else { 1_000_000 };
-        let doc = work.path().join(format!("subs-{subs}.json"));
-        if !doc.exists() {
-            write_subscription_world(&doc, subs, subs.min(100_000))?;
-        }
-        let db = rt.block_on(target.fresh(work.path(), "daily"))?;
-        let load = run_child(&["load", &db.url, doc.to_str().unwrap()])?;
-        let d = run_child(&["daily", &db.url])?;
-        println!(
+        let subs = subs_override.unwrap_or(if quick { 10_000 } else { 1_000_000 });
+        if part("daily") {
+            let doc = work.path().join(format!("subs-{subs}.json"));
+            if !doc.exists() {
+                write_subscription_world(&doc, subs, subs.min(100_000))?;
+            }
+            let db = rt.block_on(target.fresh(work.path(), "daily"))?;
+            let load = run_child(&["load", &db.url, doc.to_str().unwrap()])?;
+            let d = run_child(&["daily", &db.url])?;
+            println!(
             "{name:8} daily job over {subs} subscriptions: {:.2} s ({} renewals, {} failed attempts, {} transitions, {} alerts), load {:.1} s",
             d["seconds"].as_f64().unwrap_or(0.0),
             d["renewals"],
@@ -150,9 +165,13 @@ fn main() -> Result<()> {
             d["alerts"],
             load["seconds"].as_f64().unwrap_or(0.0)
         );
-        results.push(json!({"backend": name, "figure": "daily", "n": subs, "seconds": d["seconds"], "renewals": d["renewals"],
+            results.push(json!({"backend": name, "figure": "daily", "n": subs, "seconds": d["seconds"], "renewals": d["renewals"],
             "renewal_failures": d["renewal_failures"], "transitions": d["transitions"], "alerts": d["alerts"], "peak_rss_mib": d["peak_rss_mib"]}));
-        rt.block_on(target.drop_db(&db))?;
+            rt.block_on(target.drop_db(&db))?;
+        }
+        if !part("year") {
+            continue;
+        }
 
         // a year with nothing to settle
         let doc = work.path().join("quiet.json");
