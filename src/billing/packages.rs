@@ -268,6 +268,17 @@ mod tests {
         }
     }
 
+    /// Settles resource m1's emails for the hour starting at `h`.
+    fn settle(
+        h: i64,
+        price: &str,
+        counts: &[(i64, Decimal)],
+        cycles: &mut [CycleQuota],
+        posted: &HashMap<String, PostedCount>,
+    ) -> Vec<UsageDraft> {
+        count_drafts("m1", "email", h, h + 3600, d(price), counts, cycles, posted).unwrap()
+    }
+
     fn posted_of(drafts: &[UsageDraft], into: &mut HashMap<String, PostedCount>) {
         for l in drafts {
             let p = into.entry(l.line_key.clone()).or_default();
@@ -281,17 +292,7 @@ mod tests {
     #[test]
     fn draws_the_package_then_bills_the_excess() {
         let mut cycles = vec![cycle("pk1", H - 86_400, H + 30 * 86_400, "10000")];
-        let out = count_drafts(
-            "m1",
-            "email",
-            H,
-            H + 3600,
-            d("0.0005"),
-            &[(H + 900, d("12000"))],
-            &mut cycles,
-            &HashMap::new(),
-        )
-        .unwrap();
+        let out = settle(H, "0.0005", &[(H + 900, d("12000"))], &mut cycles, &HashMap::new());
         assert_eq!(out.len(), 2);
         assert_eq!(
             (out[0].item.as_str(), out[0].quantity, out[0].amount_due),
@@ -303,17 +304,7 @@ mod tests {
         );
         assert_eq!(cycles[0].used, d("10000"));
         // the next hour: the quota is gone, everything billed
-        let next = count_drafts(
-            "m1",
-            "email",
-            H + 3600,
-            H + 7200,
-            d("0.0005"),
-            &[(H + 4000, d("300"))],
-            &mut cycles,
-            &HashMap::new(),
-        )
-        .unwrap();
+        let next = settle(H + 3600, "0.0005", &[(H + 4000, d("300"))], &mut cycles, &HashMap::new());
         assert_eq!(next.len(), 1);
         assert_eq!(
             (next[0].item.as_str(), next[0].quantity, next[0].amount_due),
@@ -326,31 +317,11 @@ mod tests {
         let late = cycle("pkB", H - 86_400, H + 20 * 86_400, "100");
         let early = cycle("pkA", H - 86_400, H + 3600 + 1800, "100");
         let mut cycles = vec![late, early];
-        let out = count_drafts(
-            "m1",
-            "email",
-            H,
-            H + 3600,
-            d("0.01"),
-            &[(H + 10, d("50"))],
-            &mut cycles,
-            &HashMap::new(),
-        )
-        .unwrap();
+        let out = settle(H, "0.01", &[(H + 10, d("50"))], &mut cycles, &HashMap::new());
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].item.as_str(), out[0].quantity), ("email@pkA", d("50")));
         // after pkA's end its 50 left are not drawn
-        let out = count_drafts(
-            "m1",
-            "email",
-            H + 3600,
-            H + 7200,
-            d("0.01"),
-            &[(H + 3600 + 1800, d("120"))],
-            &mut cycles,
-            &HashMap::new(),
-        )
-        .unwrap();
+        let out = settle(H + 3600, "0.01", &[(H + 3600 + 1800, d("120"))], &mut cycles, &HashMap::new());
         let items: Vec<_> = out.iter().map(|l| (l.item.clone(), l.quantity)).collect();
         assert_eq!(items, vec![("email@pkB".to_string(), d("100")), ("email".to_string(), d("20"))]);
     }
@@ -359,35 +330,15 @@ mod tests {
     fn a_rerun_with_late_records_posts_only_the_difference() {
         let mut cycles = vec![cycle("pk1", H - 86_400, H + 30 * 86_400, "1000")];
         let mut posted = HashMap::new();
-        let first = count_drafts("m1", "email", H, H + 3600, d("0.0005"), &[(H + 10, d("800"))], &mut cycles, &posted).unwrap();
+        let first = settle(H, "0.0005", &[(H + 10, d("800"))], &mut cycles, &posted);
         posted_of(&first, &mut posted);
         // the next hour draws 150 more
         let mut other = HashMap::new();
-        let h2 = count_drafts(
-            "m1",
-            "email",
-            H + 3600,
-            H + 7200,
-            d("0.0005"),
-            &[(H + 3700, d("150"))],
-            &mut cycles,
-            &other,
-        )
-        .unwrap();
+        let h2 = settle(H + 3600, "0.0005", &[(H + 3700, d("150"))], &mut cycles, &other);
         posted_of(&h2, &mut other);
         assert_eq!(cycles[0].used, d("950"));
         // late: 300 more in the first hour; 50 are left in the package, 250 billed
-        let again = count_drafts(
-            "m1",
-            "email",
-            H,
-            H + 3600,
-            d("0.0005"),
-            &[(H + 10, d("800")), (H + 20, d("300"))],
-            &mut cycles,
-            &posted,
-        )
-        .unwrap();
+        let again = settle(H, "0.0005", &[(H + 10, d("800")), (H + 20, d("300"))], &mut cycles, &posted);
         let got: Vec<_> = again
             .iter()
             .map(|l| (l.transaction_type, l.item.clone(), l.quantity, l.amount_due))
@@ -402,17 +353,6 @@ mod tests {
         assert_eq!(cycles[0].used, d("1000"));
         posted_of(&again, &mut posted);
         // the same data again posts nothing
-        assert!(count_drafts(
-            "m1",
-            "email",
-            H,
-            H + 3600,
-            d("0.0005"),
-            &[(H + 10, d("800")), (H + 20, d("300"))],
-            &mut cycles,
-            &posted
-        )
-        .unwrap()
-        .is_empty());
+        assert!(settle(H, "0.0005", &[(H + 10, d("800")), (H + 20, d("300"))], &mut cycles, &posted).is_empty());
     }
 }

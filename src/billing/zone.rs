@@ -69,7 +69,7 @@ impl BillingZone {
     }
 
     /// The first instant in (a, b] whose UTC offset differs from `a`'s; `b`'s must differ.
-    fn first_offset_change(&self, a: i64, b: i64) -> i64 {
+    pub fn first_offset_change(&self, a: i64, b: i64) -> i64 {
         let off = self.offset_at(a);
         let (mut lo, mut hi) = (a, b);
         while hi - lo > 1 {

@@ -95,19 +95,10 @@ fn first_change(zone: &BillingZone, offset: i64, from: i64, to: i64) -> Option<i
         let hi = (lo + DAY).min(to);
         if zone.offset_at(hi) != offset {
             // offset(lo) == offset, offset(hi) != offset: the change is in (lo, hi]
-            let (mut l, mut h) = (lo, hi);
-            if zone.offset_at(l) != offset {
-                return Some(l);
+            if zone.offset_at(lo) != offset {
+                return Some(lo);
             }
-            while h - l > 1 {
-                let m = l + (h - l) / 2;
-                if zone.offset_at(m) == offset {
-                    l = m;
-                } else {
-                    h = m;
-                }
-            }
-            return Some(h);
+            return Some(zone.first_offset_change(lo, hi));
         }
         if hi == to {
             break;

@@ -621,23 +621,7 @@ pub(crate) struct Notice {
 
 /// Writes a notification in the caller's transaction; a second write of the same event is a no-op.
 pub(crate) async fn notify_event(tx: &mut Tx, n: Notice) -> Result<bool> {
-    let rows = tx
-        .exec(
-            "INSERT INTO notifications (event_key, kind, account_id, resource_id, at, days_before, expires_on, reason) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_key) DO NOTHING",
-            vec![
-                n.key.into(),
-                n.kind.into(),
-                n.account_id.into(),
-                n.resource_id.into(),
-                n.at.into(),
-                n.days_before.into(),
-                n.expires_on.into(),
-                n.reason.into(),
-            ],
-        )
-        .await?;
-    Ok(rows > 0)
+    Ok(notify_events(tx, vec![n]).await? > 0)
 }
 
 /// Writes many notifications in the caller's transaction, many per statement; events already
