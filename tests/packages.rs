@@ -654,3 +654,50 @@ async fn bad_package_and_count_documents_exit_2_naming_the_field() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_package_renewed_while_expired_covers_units_from_the_renewal_on() {
+    let doc = format!(
+        r#"{{"accounts": [{{"id": "acme", "balance": "50.00"}}], {MAIL},
+        "resources": [{{"id": "m1", "account": "acme", "plan": "mail", "mode": "pay_per_use", "created_at": "2024-05-01T00:00:00Z"}}],
+        "packages": [{{"id": "pk1", "resource": "m1", "package": "email-10k", "purchased_at": "2024-05-01T00:00:00Z"}}],
+        "usage": [{}, {}, {}]}}"#,
+        count("m1", 1000, "2024-06-03T10:00:00Z"),
+        count("m1", 2000, "2024-06-05T10:00:00Z"),
+        count("m1", 3000, "2024-06-05T12:30:00Z"),
+    );
+    on_each_backend(async |be| {
+        let b = be.open("UTC").await;
+        b.load_json("mail.json", &doc).await.unwrap();
+        // pk1 expired at 06-02 00:00; renewed by hand on 06-05 at 12:00, in its grace period
+        b.tick(t("2024-06-05T12:00:00Z"), |_, _| {}).await.unwrap();
+        assert_eq!(
+            b.status().await.unwrap().resources.iter().find(|r| r.id == "pk1").unwrap().state,
+            "expired"
+        );
+        let renewal = b.renew("pk1", 1, t("2024-06-05T12:00:00Z")).await.unwrap();
+        assert_eq!(
+            (renewal.amount_due, renewal.period_start, renewal.period_end),
+            (dec("4.00"), t("2024-06-02T00:00:00Z"), t("2024-07-02T00:00:00Z")),
+            "{}: the new cycle continues from the old expiry",
+            be.name
+        );
+        b.tick(t("2024-06-05T16:00:00Z"), |_, _| {}).await.unwrap();
+        let s = b.status().await.unwrap();
+        let pk = s.resources.iter().find(|r| r.id == "pk1").unwrap();
+        assert_eq!((pk.state.as_str(), pk.expires_on.as_deref()), ("running", Some("2024-07-01")));
+        // before the renewal everything was billed (06-03, and 06-05 10:00 settled at 12:00); the
+        // units after it are drawn from the renewed cycle
+        assert_eq!(
+            usage(&rows(&csv(&b).await)),
+            vec![
+                line("2024-06-03T12:00:00Z", "email", "usage", "1000", "0.50"),
+                line("2024-06-05T12:00:00Z", "email", "usage", "2000", "1.00"),
+                line("2024-06-05T14:00:00Z", "email@pk1", "usage", "3000", "0.00"),
+            ],
+            "{}",
+            be.name
+        );
+    })
+    .await;
+}
