@@ -416,8 +416,8 @@ impl CatchUp {
             }
             JobRun::Daily(o) => {
                 self.daily_runs += 1;
-                self.lines += o.lines.len();
-                self.amount_due += o.lines.iter().map(|l| l.amount_due).sum::<Decimal>();
+                self.lines += o.lines;
+                self.amount_due += o.amount_due;
                 self.renewals += o.renewals;
                 self.renewal_failures += o.renewal_failures;
                 self.transitions += o.transitions;

@@ -367,3 +367,53 @@ fn hostile_arguments_exit_2_naming_the_argument() {
     ok(&billrun(&url, &["notifications", "--account", "=HYPERLINK(\"x\")"]));
     ok(&billrun(&url, &["tick", "--now", "2024-03-31T02:30:00+01:00"]));
 }
+
+/// The daily run walks subscriptions a batch of accounts at a time: batches of two accounts give
+/// the same ledger and notifications as one batch, on both backends.
+#[tokio::test]
+async fn daily_batches_of_accounts_change_nothing() {
+    let mut accounts = Vec::new();
+    let mut subs = Vec::new();
+    for a in 0..9 {
+        // some accounts cannot pay every renewal
+        accounts.push(format!(r#"{{"id": "acct{a}", "balance": "{}.00"}}"#, 30 + a * 9));
+        for s in 0..3 {
+            subs.push(format!(
+                r#"{{"id": "s{a}{s}", "account": "acct{a}", "plan": "p", "mode": "monthly", "purchased_at": "2024-01-{:02}T10:00:00Z", "auto_renew": {}}}"#,
+                1 + (a * 3 + s) % 27,
+                (a + s) % 3 != 0
+            ));
+        }
+    }
+    let doc = format!(
+        r#"{{"accounts": [{}], "plans": [{{"id": "p", "product": "KooPhone", "monthly": "9.90"}}], "resources": [{}]}}"#,
+        accounts.join(","),
+        subs.join(",")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("subs.json");
+    std::fs::write(&file, doc).unwrap();
+    for name in common::available() {
+        let mut outputs = Vec::new();
+        for batch in ["2", "5000"] {
+            let be = common::fresh(name).await;
+            let run = |args: &[&str]| {
+                let o = Command::new(env!("CARGO_BIN_EXE_billrun"))
+                    .arg("--database-url")
+                    .arg(&be.url)
+                    .args(args)
+                    .env("BILLRUN_DAILY_BATCH_ACCOUNTS", batch)
+                    .env("BILLRUN_LOG", "warn")
+                    .output()
+                    .unwrap();
+                ok(&o)
+            };
+            run(&["load", file.to_str().unwrap()]);
+            run(&["tick", "--now", "2024-04-15T00:00:00Z"]);
+            outputs.push((run(&["export"]), run(&["notifications", "--json"])));
+        }
+        assert!(outputs[0].0.contains(",renewal,"), "{name}: renewals happened");
+        assert!(outputs[0].1.contains("renewal_failed"), "{name}: and failed attempts");
+        assert_eq!(outputs[0], outputs[1], "{name}: batches of 2 accounts = one batch");
+    }
+}

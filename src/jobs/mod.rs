@@ -100,7 +100,7 @@ pub async fn step(db: &Db, zone: &BillingZone, sched: &settle::Schedule, lease_s
     match result {
         Ok(o) => {
             crate::metrics::run_finished(DAILY_JOB, "ok", duration);
-            crate::metrics::posted(DAILY_JOB, o.lines.len(), o.lines.iter().map(|l| l.amount_due).sum());
+            crate::metrics::posted(DAILY_JOB, o.lines, o.amount_due);
             Ok(Step::Ran(at, JobRun::Daily(o)))
         }
         Err(e) => {

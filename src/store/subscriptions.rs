@@ -76,14 +76,22 @@ fn sub_of(r: &Row) -> Result<Subscription> {
     })
 }
 
-/// Subscriptions (one, or all not released by `live_at`: a released one has nothing left to do).
-async fn subscriptions(tx: &mut Tx, only: Option<&str>, live_at: Option<i64>) -> Result<Vec<Subscription>> {
+/// Subscriptions: one, or those of the accounts in [first, last] not released by `live_at` (a
+/// released one has nothing left to do).
+async fn subscriptions(tx: &mut Tx, only: Option<&str>, live_at: Option<i64>, accounts: Option<(&str, &str)>) -> Result<Vec<Subscription>> {
+    let (first, last) = accounts.unwrap_or(("", ""));
     let rows = tx
         .rows(
             "SELECT id, account_id, plan_id, mode, quantity, created_at, anchor_date, months_paid, auto_renew, auto_renew_times, \
              renewals_done, renew_days_before, ppu_from, ppu_at_expiry, released_at, package, serves, parts FROM resources \
-             WHERE mode <> 'pay_per_use' AND ($1 = '' OR id = $1) AND (released_at IS NULL OR released_at > $2) ORDER BY account_id, id",
-            vec![only.unwrap_or("").into(), live_at.unwrap_or(i64::MIN).into()],
+             WHERE mode <> 'pay_per_use' AND ($1 = '' OR id = $1) AND (released_at IS NULL OR released_at > $2) \
+             AND ($3 = '' OR (account_id >= $3 AND account_id <= $4)) ORDER BY account_id, id",
+            vec![
+                only.unwrap_or("").into(),
+                live_at.unwrap_or(i64::MIN).into(),
+                first.into(),
+                last.into(),
+            ],
             SUB_KINDS,
         )
         .await?;
@@ -190,7 +198,9 @@ pub struct DailyOutcome {
     pub renewal_failures: usize,
     pub transitions: usize,
     pub alerts: usize,
-    pub lines: Vec<LedgerLine>,
+    /// Renewal lines posted and their amount due.
+    pub lines: usize,
+    pub amount_due: Decimal,
 }
 
 fn transition_kind(s: State) -> Option<&'static str> {
@@ -207,7 +217,6 @@ fn transition_kind(s: State) -> Option<&'static str> {
 pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<DailyOutcome> {
     let at = claim.at;
     let mut tx = db.begin().await?;
-    let today = zone.local_date(at);
     let mut out = DailyOutcome::default();
     let plans = all_plans(&mut tx).await?;
     // the balances it may move, locked in id order on PostgreSQL until it commits
@@ -218,9 +227,72 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
     )
     .await?;
     let mut events: Vec<ArrearsEvent> = Vec::new();
-    let mut subs = subscriptions(&mut tx, None, Some(at)).await?;
+    // subscriptions are walked a batch of accounts at a time (balances are per account, so the
+    // outcome is the one of a single pass), which bounds the memory a day of millions takes
+    // (in the database's own order of ids, which the range conditions below compare in)
+    let accounts: Vec<String> = tx
+        .rows(
+            "SELECT DISTINCT account_id FROM resources WHERE mode <> 'pay_per_use' ORDER BY account_id",
+            vec![],
+            &[Kind::Text],
+        )
+        .await?
+        .iter()
+        .map(|r| r.text(0))
+        .collect();
+    let batches: Vec<(String, String)> = accounts
+        .chunks(daily_accounts_per_batch())
+        .map(|c| (c[0].clone(), c[c.len() - 1].clone()))
+        .collect();
+    for (first, last) in &batches {
+        let mut subs = subscriptions(&mut tx, None, Some(at), Some((first, last))).await?;
+        daily_batch(&mut tx, zone, at, &plans, &mut books, &mut events, &mut subs, &mut out).await?;
+    }
+    out.transitions += ppu_arrears_transitions(&mut tx, zone, at).await?;
+    // only the newest undelivered alert of a resource is sent: older ones are superseded
+    tx.exec(
+        "UPDATE notifications SET delivery = 'superseded' WHERE kind = 'expiry_alert' AND delivery = 'pending' AND EXISTS \
+         (SELECT 1 FROM notifications n2 WHERE n2.kind = 'expiry_alert' AND n2.resource_id = notifications.resource_id AND n2.at > notifications.at)",
+        vec![],
+    )
+    .await?;
+    let changed_books: Vec<_> = books.values().filter(|b| b.changed).map(|b| &b.account).collect();
+    save_accounts(&mut tx, changed_books).await?;
+    record_arrears_events(&mut tx, &events).await?;
+    let detail =
+        json!({"renewals": out.renewals, "renewal_failures": out.renewal_failures, "transitions": out.transitions, "alerts": out.alerts});
+    runs::finish(&mut tx, claim, out.lines, out.amount_due, detail).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Accounts whose subscriptions the daily run holds in memory at once: 5,000, or
+/// `BILLRUN_DAILY_BATCH_ACCOUNTS` (the outcome does not depend on it; tests set it small).
+fn daily_accounts_per_batch() -> usize {
+    std::env::var("BILLRUN_DAILY_BATCH_ACCOUNTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(5_000)
+}
+
+/// The daily run over one batch of subscriptions (all of some accounts'): renewal attempts, then
+/// lifecycle transitions, then alerts; writes what changed.
+#[allow(clippy::too_many_arguments)]
+async fn daily_batch(
+    tx: &mut Tx,
+    zone: &BillingZone,
+    at: i64,
+    plans: &HashMap<String, Plan>,
+    books: &mut HashMap<String, AccountBook>,
+    events: &mut Vec<ArrearsEvent>,
+    subs: &mut [Subscription],
+    out: &mut DailyOutcome,
+) -> Result<()> {
+    let today = zone.local_date(at);
     let mut changed = vec![false; subs.len()];
     let (mut renewal_notices, mut transitions, mut alerts) = (Vec::new(), Vec::new(), Vec::new());
+    let mut lines = Vec::new();
 
     // 1. renewal attempts, in account then resource order (balances are shared)
     for (i, sub) in subs.iter_mut().enumerate() {
@@ -269,12 +341,12 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
         }
         let months = period_months(plan, sub);
         // an auto-renewal is paid before its cycle begins: no settled hour can draw from it yet
-        crate::store::packages::add_cycles(&mut tx, zone, plan, sub, sub.months_paid, 1, at).await?;
+        crate::store::packages::add_cycles(tx, zone, plan, sub, sub.months_paid, 1, at).await?;
         sub.months_paid += months;
         sub.renewals_done += 1;
         changed[i] = true;
         let new_expiry = sub.expires_on();
-        out.lines.push(post_prepaid(
+        lines.push(post_prepaid(
             PrepaidCharge {
                 kind: TransactionType::Renewal,
                 sub,
@@ -289,7 +361,7 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
                 explain: charge_explain(plan, sub, unit, 1, months, list),
             },
             book,
-            &mut events,
+            events,
         ));
         out.renewals += 1;
         renewal_notices.push(Notice {
@@ -304,7 +376,7 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
     }
     // notifications are written many per statement (a day of a million subscriptions has
     // hundreds of thousands)
-    notify_events(&mut tx, std::mem::take(&mut renewal_notices)).await?;
+    notify_events(tx, std::mem::take(&mut renewal_notices)).await?;
 
     // 2. lifecycle transitions at their exact instants, recorded once whichever run sees them
     for (i, sub) in subs.iter_mut().enumerate() {
@@ -332,8 +404,7 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
             }
         }
     }
-    out.transitions += notify_events(&mut tx, transitions).await?;
-    out.transitions += ppu_arrears_transitions(&mut tx, zone, at).await?;
+    out.transitions += notify_events(tx, transitions).await?;
 
     // 3. expiry alerts for the cycles still running
     for sub in subs.iter() {
@@ -359,27 +430,13 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
             });
         }
     }
-    out.alerts += notify_events(&mut tx, alerts).await?;
-    // only the newest undelivered alert of a resource is sent: older ones are superseded
-    tx.exec(
-        "UPDATE notifications SET delivery = 'superseded' WHERE kind = 'expiry_alert' AND delivery = 'pending' AND EXISTS \
-         (SELECT 1 FROM notifications n2 WHERE n2.kind = 'expiry_alert' AND n2.resource_id = notifications.resource_id AND n2.at > notifications.at)",
-        vec![],
-    )
-    .await?;
-
+    out.alerts += notify_events(tx, alerts).await?;
     let changed_subs: Vec<&Subscription> = subs.iter().zip(&changed).filter(|(_, c)| **c).map(|(s, _)| s).collect();
-    save_subscriptions(&mut tx, &changed_subs).await?;
-    ledger::post_lines(&mut tx, &out.lines).await?;
-    let changed_books: Vec<_> = books.values().filter(|b| b.changed).map(|b| &b.account).collect();
-    save_accounts(&mut tx, changed_books).await?;
-    record_arrears_events(&mut tx, &events).await?;
-    let detail =
-        json!({"renewals": out.renewals, "renewal_failures": out.renewal_failures, "transitions": out.transitions, "alerts": out.alerts});
-    let amount: Decimal = out.lines.iter().map(|l| l.amount_due).sum();
-    runs::finish(&mut tx, claim, out.lines.len(), amount, detail).await?;
-    tx.commit().await?;
-    Ok(out)
+    save_subscriptions(tx, &changed_subs).await?;
+    ledger::post_lines(tx, &lines).await?;
+    out.lines += lines.len();
+    out.amount_due += lines.iter().map(|l| l.amount_due).sum::<Decimal>();
+    Ok(())
 }
 
 /// Arrears periods of every account that has had any, oldest first.
@@ -463,7 +520,7 @@ fn input(msg: String) -> anyhow::Error {
 }
 
 async fn one_subscription(tx: &mut Tx, resource: &str) -> Result<Subscription> {
-    let subs = subscriptions(tx, Some(resource), None).await?;
+    let subs = subscriptions(tx, Some(resource), None, None).await?;
     match subs.into_iter().next() {
         Some(s) => Ok(s),
         None => {
