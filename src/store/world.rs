@@ -1,13 +1,12 @@
 //! Accounts, plans, resources, usage and top-ups: loading fixture documents and reading them back.
 
 use super::db::{Db, Kind, Row, Tx, Val};
-use crate::billing::lifecycle::add_months;
 use crate::billing::model::{Account, BillingMode, MeteredResource, Plan};
 use crate::billing::prepaid::{months_of, Subscription};
 use crate::billing::settle::{AccountBook, ArrearsEvent, INSTANCE_ITEM};
 use crate::billing::zone::{split_by_hour, BillingZone};
 use crate::error::InputError;
-use crate::fixture::{self, Batch, Document, Known, KnownResource};
+use crate::fixture::{self, Batch, Document, Known, KnownResource, NewSubscription};
 use crate::store::packages;
 use crate::store::subscriptions::post_purchase;
 use anyhow::{Context, Result};
@@ -259,76 +258,82 @@ async fn write_batch(
         })
         .collect::<Result<Vec<_>>>()?;
     s.plans += tx.insert_rows("plans", &["id", "product", "doc"], plans, "").await? as usize;
-    let resources = b
-        .resources
-        .iter()
-        .map(|r| {
-            let (periods, auto_renew, times, before, anchor, months, expires, parts) = match &r.subscription {
-                None => (None, 0, None, 7, None, None, None, None),
-                Some(sub) => {
-                    let anchor = zone.local_date(r.created_at);
-                    let months = months_of(r.mode, sub.periods);
-                    let expires = add_months(anchor, months);
-                    (
-                        Some(sub.periods),
-                        sub.auto_renew as i64,
-                        sub.auto_renew_times,
-                        sub.renew_days_before,
-                        Some(anchor.to_string()),
-                        Some(months as i64),
-                        Some(expires.to_string()),
-                        (!sub.parts.is_empty()).then(|| serde_json::json!(sub.parts).to_string()),
-                    )
-                }
+    // every purchase at load (a yearly/monthly resource or a package) as the subscription it
+    // creates: its row and its purchase line come from the same value
+    let mut bought: Vec<(Subscription, i64, String)> = Vec::new();
+    for (i, r) in b.resources.iter().enumerate() {
+        if let Some(sub) = &r.subscription {
+            let buy = Purchase {
+                id: &r.id,
+                account_id: &r.account_id,
+                plan_id: &r.plan_id,
+                mode: r.mode,
+                quantity: r.quantity,
+                at: r.created_at,
             };
-            vec![
-                r.id.clone().into(),
-                r.account_id.clone().into(),
-                r.plan_id.clone().into(),
-                r.mode.as_str().into(),
-                r.quantity.into(),
-                r.created_at.into(),
-                r.deleted_at.into(),
-                periods.into(),
-                auto_renew.into(),
-                times.into(),
-                before.into(),
-                anchor.into(),
-                months.into(),
-                expires.into(),
-                parts.into(),
-                None::<String>.into(),
-                None::<String>.into(),
-            ]
-        })
-        .collect::<Vec<_>>();
-    s.packages += b.packages.len();
-    let mut packages = Vec::with_capacity(b.packages.len());
-    for p in &b.packages {
+            let mut subscription = buy.subscription(zone, sub, months_of(r.mode, 1));
+            subscription.parts = sub.parts.clone();
+            bought.push((subscription, sub.periods, format!("resources[{i}] (id {:?})", r.id)));
+        }
+    }
+    let first_package = bought.len();
+    for (i, p) in b.packages.iter().enumerate() {
         let plan = known.plans.get(&p.plan_id).context("the package's plan")?;
-        let months = plan.packages[&p.kind].months * p.subscription.periods as u32;
-        let anchor = zone.local_date(p.purchased_at);
-        let sub = &p.subscription;
-        packages.push(vec![
-            p.id.clone().into(),
-            p.account_id.clone().into(),
-            p.plan_id.clone().into(),
-            p.mode.as_str().into(),
-            1i64.into(),
-            p.purchased_at.into(),
+        let buy = Purchase {
+            id: &p.id,
+            account_id: &p.account_id,
+            plan_id: &p.plan_id,
+            mode: p.mode,
+            quantity: 1,
+            at: p.purchased_at,
+        };
+        let mut subscription = buy.subscription(zone, &p.subscription, plan.packages[&p.kind].months);
+        subscription.package = Some(p.kind.clone());
+        subscription.serves = Some(p.serves.clone());
+        bought.push((subscription, p.subscription.periods, format!("packages[{i}] (id {:?})", p.id)));
+    }
+    s.packages += b.packages.len();
+    let pay_per_use = b.resources.iter().filter(|r| r.subscription.is_none()).map(|r| {
+        let mut row = vec![
+            r.id.clone().into(),
+            r.account_id.clone().into(),
+            r.plan_id.clone().into(),
+            r.mode.as_str().into(),
+            r.quantity.into(),
+            r.created_at.into(),
+            r.deleted_at.into(),
             None::<i64>.into(),
-            Some(sub.periods).into(),
+            0i64.into(),
+            None::<i64>.into(),
+            7i64.into(),
+        ];
+        // anchor_date, expires_on, parts; months_paid; package, serves: a subscription's only
+        row.extend(std::iter::repeat_with(|| Val::from(None::<String>)).take(3));
+        row.push(None::<i64>.into());
+        row.extend(std::iter::repeat_with(|| Val::from(None::<String>)).take(2));
+        row
+    });
+    let rows = pay_per_use.chain(bought.iter().map(|(sub, periods, _)| {
+        vec![
+            sub.id.clone().into(),
+            sub.account_id.clone().into(),
+            sub.plan_id.clone().into(),
+            sub.mode.as_str().into(),
+            sub.quantity.into(),
+            sub.purchased_at.into(),
+            None::<i64>.into(),
+            Some(*periods).into(),
             (sub.auto_renew as i64).into(),
             sub.auto_renew_times.into(),
             sub.renew_days_before.into(),
-            anchor.to_string().into(),
-            (months as i64).into(),
-            add_months(anchor, months).to_string().into(),
-            None::<String>.into(),
-            p.kind.clone().into(),
-            p.serves.clone().into(),
-        ]);
-    }
+            sub.anchor.to_string().into(),
+            sub.expires_on().to_string().into(),
+            (!sub.parts.is_empty()).then(|| serde_json::json!(sub.parts).to_string()).into(),
+            (sub.months_paid as i64).into(),
+            sub.package.clone().into(),
+            sub.serves.clone().into(),
+        ]
+    }));
     s.resources += tx
         .insert_rows(
             "resources",
@@ -345,13 +350,13 @@ async fn write_batch(
                 "auto_renew_times",
                 "renew_days_before",
                 "anchor_date",
-                "months_paid",
                 "expires_on",
                 "parts",
+                "months_paid",
                 "package",
                 "serves",
             ],
-            resources.into_iter().chain(packages).collect(),
+            rows.collect(),
             "",
         )
         .await? as usize;
@@ -360,36 +365,11 @@ async fn write_batch(
             mark_dirty(zone, r.created_at, r.deleted_at.unwrap_or(i64::MAX), watermark, dirty);
         }
     }
-    // a new reading for the same (resource, item, from) corrects the earlier one: the readings of
-    // the resources concerned are read once, and only those corrected are updated
-    let readings: HashSet<(&str, &str, i64)> = b
-        .segments
-        .iter()
-        .map(|g| (g.resource_id.as_str(), g.item.as_str(), g.from))
-        .collect();
-    let mut ids: Vec<String> = b.segments.iter().map(|g| g.resource_id.clone()).collect();
-    ids.sort();
-    ids.dedup();
-    let loaded = tx
-        .rows_in(
-            "SELECT resource_id, item, from_at, to_at FROM usage_segments WHERE superseded = 0 AND resource_id IN",
-            &ids,
-            "",
-            &[Kind::Text, Kind::Text, Kind::Int, Kind::Int],
-        )
-        .await?;
-    for r in loaded {
-        let (resource, item, from) = (r.text(0), r.text(1), r.int(2));
-        if !readings.contains(&(resource.as_str(), item.as_str(), from)) {
-            continue;
-        }
-        tx.exec(
-            "UPDATE usage_segments SET superseded = 1 WHERE resource_id = $1 AND item = $2 AND from_at = $3 AND superseded = 0",
-            vec![resource.into(), item.into(), from.into()],
-        )
-        .await?;
+    // a new reading for the same (resource, item, from) corrects the earlier one
+    let keys = b.segments.iter().map(|g| (g.resource_id.as_str(), g.item.as_str(), g.from));
+    for (from, to) in supersede(tx, "usage_segments", "from_at", "to_at", keys).await? {
         s.corrected_readings += 1;
-        mark_dirty(zone, from, r.int(3), watermark, dirty);
+        mark_dirty(zone, from, to, watermark, dirty);
     }
     let mut longest = 0;
     for seg in &b.segments {
@@ -421,29 +401,8 @@ async fn write_batch(
         )
         .await? as usize;
     // a new count for the same (resource, item, at) corrects the earlier one
-    let records: HashSet<(&str, &str, i64)> = b.counts.iter().map(|c| (c.resource_id.as_str(), c.item.as_str(), c.at)).collect();
-    let mut ids: Vec<String> = b.counts.iter().map(|c| c.resource_id.clone()).collect();
-    ids.sort();
-    ids.dedup();
-    let loaded = tx
-        .rows_in(
-            "SELECT resource_id, item, at FROM usage_counts WHERE superseded = 0 AND resource_id IN",
-            &ids,
-            "",
-            &[Kind::Text, Kind::Text, Kind::Int],
-        )
-        .await?;
-    for r in loaded {
-        let (resource, item, at) = (r.text(0), r.text(1), r.int(2));
-        if records.contains(&(resource.as_str(), item.as_str(), at)) {
-            tx.exec(
-                "UPDATE usage_counts SET superseded = 1 WHERE resource_id = $1 AND item = $2 AND at = $3 AND superseded = 0",
-                vec![resource.into(), item.into(), at.into()],
-            )
-            .await?;
-            s.corrected_readings += 1;
-        }
-    }
+    let keys = b.counts.iter().map(|c| (c.resource_id.as_str(), c.item.as_str(), c.at));
+    s.corrected_readings += supersede(tx, "usage_counts", "at", "at", keys).await?.len();
     for c in &b.counts {
         mark_dirty(zone, c.at, c.at + 1, watermark, dirty);
     }
@@ -459,18 +418,51 @@ async fn write_batch(
     if b.topups_after == 0 {
         post_topups(tx, b, s).await?;
     }
-    for (i, r) in b.resources.iter().enumerate() {
-        let Some(sub) = &r.subscription else { continue };
-        let anchor = zone.local_date(r.created_at);
-        let subscription = Subscription {
-            id: r.id.clone(),
-            account_id: r.account_id.clone(),
-            plan_id: r.plan_id.clone(),
-            mode: r.mode,
-            quantity: r.quantity,
-            purchased_at: r.created_at,
-            anchor,
-            months_paid: months_of(r.mode, sub.periods),
+    for (k, (sub, periods, record)) in bought.iter().enumerate() {
+        if k == first_package && b.topups_after == 1 {
+            post_topups(tx, b, s).await?;
+        }
+        post_purchase(tx, zone, sub, *periods, record).await?;
+        s.purchases += 1;
+        if let Some(plan) = sub.package.as_ref().and_then(|_| known.plans.get(&sub.plan_id)) {
+            // a package bought in hours already settled covers their counts: they are re-settled
+            if let Some((serves, from, to)) = packages::add_cycles(tx, zone, plan, sub, 0, *periods, sub.purchased_at).await? {
+                dirty.extend(packages::counted_hours(tx, zone, &serves, from, to, watermark).await?);
+            }
+        }
+    }
+    if first_package == bought.len() && b.topups_after == 1 {
+        post_topups(tx, b, s).await?;
+    }
+    if b.topups_after == 2 {
+        post_topups(tx, b, s).await?;
+    }
+    Ok(())
+}
+
+/// Who buys what at load.
+struct Purchase<'a> {
+    id: &'a str,
+    account_id: &'a str,
+    plan_id: &'a str,
+    mode: BillingMode,
+    quantity: i64,
+    at: i64,
+}
+
+impl Purchase<'_> {
+    /// The subscription bought: `sub.periods` periods of `months_per_period` months from the local
+    /// date of purchase.
+    fn subscription(&self, zone: &BillingZone, sub: &NewSubscription, months_per_period: u32) -> Subscription {
+        Subscription {
+            id: self.id.to_string(),
+            account_id: self.account_id.to_string(),
+            plan_id: self.plan_id.to_string(),
+            mode: self.mode,
+            quantity: self.quantity,
+            purchased_at: self.at,
+            anchor: zone.local_date(self.at),
+            months_paid: months_per_period * sub.periods as u32,
             auto_renew: sub.auto_renew,
             auto_renew_times: sub.auto_renew_times,
             renewals_done: 0,
@@ -480,48 +472,50 @@ async fn write_batch(
             released_at: None,
             package: None,
             serves: None,
-            parts: sub.parts.clone(),
-        };
-        post_purchase(tx, zone, &subscription, sub.periods, &format!("resources[{i}] (id {:?})", r.id)).await?;
-        s.purchases += 1;
-    }
-    if b.topups_after == 1 {
-        post_topups(tx, b, s).await?;
-    }
-    for (i, p) in b.packages.iter().enumerate() {
-        let plan = known.plans.get(&p.plan_id).context("the package's plan")?;
-        let sub = &p.subscription;
-        let subscription = Subscription {
-            id: p.id.clone(),
-            account_id: p.account_id.clone(),
-            plan_id: p.plan_id.clone(),
-            mode: p.mode,
-            quantity: 1,
-            purchased_at: p.purchased_at,
-            anchor: zone.local_date(p.purchased_at),
-            months_paid: plan.packages[&p.kind].months * sub.periods as u32,
-            auto_renew: sub.auto_renew,
-            auto_renew_times: sub.auto_renew_times,
-            renewals_done: 0,
-            renew_days_before: sub.renew_days_before,
-            ppu_from: None,
-            ppu_at_expiry: false,
-            released_at: None,
-            package: Some(p.kind.clone()),
-            serves: Some(p.serves.clone()),
             parts: Default::default(),
-        };
-        post_purchase(tx, zone, &subscription, sub.periods, &format!("packages[{i}] (id {:?})", p.id)).await?;
-        // a package bought in hours already settled covers their counts: they are re-settled
-        if let Some((serves, from, to)) = packages::add_cycles(tx, zone, plan, &subscription, 0, sub.periods, p.purchased_at).await? {
-            dirty.extend(packages::counted_hours(tx, zone, &serves, from, to, watermark).await?);
         }
-        s.purchases += 1;
     }
-    if b.topups_after == 2 {
-        post_topups(tx, b, s).await?;
+}
+
+/// Marks superseded the loaded readings of `table` (not yet superseded) that a batch loads again,
+/// by (resource, item, `at_col`): the batch's resources' readings are read once and only the
+/// corrected ones are updated. Returns each corrected reading's (`at_col`, `end_col`).
+async fn supersede<'a>(
+    tx: &mut Tx,
+    table: &str,
+    at_col: &str,
+    end_col: &str,
+    keys: impl Iterator<Item = (&'a str, &'a str, i64)>,
+) -> Result<Vec<(i64, i64)>> {
+    let keys: HashSet<(&str, &str, i64)> = keys.collect();
+    let mut ids: Vec<String> = keys.iter().map(|k| k.0.to_string()).collect();
+    ids.sort();
+    ids.dedup();
+    let loaded = tx
+        .rows_in(
+            &format!("SELECT resource_id, item, {at_col}, {end_col} FROM {table} WHERE superseded = 0 AND resource_id IN"),
+            &ids,
+            "",
+            &[Kind::Text, Kind::Text, Kind::Int, Kind::Int],
+        )
+        .await?;
+    let mut out = Vec::new();
+    for r in loaded {
+        let (resource, item, at) = (r.text(0), r.text(1), r.int(2));
+        if !keys.contains(&(resource.as_str(), item.as_str(), at)) {
+            continue;
+        }
+        // table and column names are this crate's constants
+        tx.exec(
+            sqlx::AssertSqlSafe(format!(
+                "UPDATE {table} SET superseded = 1 WHERE resource_id = $1 AND item = $2 AND {at_col} = $3 AND superseded = 0"
+            )),
+            vec![resource.into(), item.into(), at.into()],
+        )
+        .await?;
+        out.push((at, r.int(3)));
     }
-    Ok(())
+    Ok(out)
 }
 
 async fn post_topups(tx: &mut Tx, b: &Batch, s: &mut LoadSummary) -> Result<()> {
