@@ -3,7 +3,7 @@
 //! settling the same hour again with the same records posts nothing.
 #![no_main]
 
-use billrun::billing::packages::{count_drafts, CycleQuota, PostedCount};
+use billrun::billing::packages::{add_posted, count_drafts, CycleQuota, PostedCount};
 use libfuzzer_sys::fuzz_target;
 use rust_decimal::Decimal;
 use std::collections::HashMap;
@@ -45,12 +45,6 @@ fuzz_target!(|input: (Vec<(u16, u16)>, Vec<(u8, u16, u16, u16)>, u16)| {
     }
     // the same records settled again: nothing more
     let mut posted: HashMap<String, PostedCount> = HashMap::new();
-    for d in &drafts {
-        let p = posted.entry(d.line_key.clone()).or_default();
-        p.quantity += d.quantity;
-        p.list_amount += d.list_amount;
-        p.amount_due += d.amount_due;
-        p.lines += 1;
-    }
+    add_posted(&mut posted, &drafts);
     assert!(count_drafts("m1", "email", H, H + 3600, price, &counts, &mut cycles, &posted).unwrap().is_empty());
 });

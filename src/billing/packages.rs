@@ -8,7 +8,7 @@ use super::money::{amount_due, fmt_amount, fmt_cents, fmt_plain, mul_div_round, 
 use super::settle::UsageDraft;
 use rust_decimal::Decimal;
 use serde_json::json;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 /// One paid cycle of a package: `quota` units of `item` for use in [valid_from, end), of which
 /// `used` have been drawn by posted lines (all hours).
@@ -235,13 +235,17 @@ pub fn count_drafts(
     Ok(out)
 }
 
-/// Groups billable count records by (resource, item).
-pub fn group_counts(records: impl IntoIterator<Item = (String, String, i64, Decimal)>) -> BTreeMap<(String, String), Vec<(i64, Decimal)>> {
-    let mut out: BTreeMap<(String, String), Vec<(i64, Decimal)>> = BTreeMap::new();
-    for (r, item, at, n) in records {
-        out.entry((r, item)).or_default().push((at, n));
+/// Adds drafts, once posted, to what is posted per line key (their sums).
+pub fn add_posted(posted: &mut HashMap<String, PostedCount>, drafts: &[UsageDraft]) {
+    for d in drafts {
+        let p = posted.entry(d.line_key.clone()).or_default();
+        p.quantity += d.quantity;
+        p.list_amount += d.list_amount;
+        p.amount_due += d.amount_due;
+        p.lines += 1;
+        p.period_start = d.period_start;
+        p.period_end = d.period_end;
     }
-    out
 }
 
 #[cfg(test)]
@@ -277,16 +281,6 @@ mod tests {
         posted: &HashMap<String, PostedCount>,
     ) -> Vec<UsageDraft> {
         count_drafts("m1", "email", h, h + 3600, d(price), counts, cycles, posted).unwrap()
-    }
-
-    fn posted_of(drafts: &[UsageDraft], into: &mut HashMap<String, PostedCount>) {
-        for l in drafts {
-            let p = into.entry(l.line_key.clone()).or_default();
-            p.quantity += l.quantity;
-            p.list_amount += l.list_amount;
-            p.amount_due += l.amount_due;
-            p.lines += 1;
-        }
     }
 
     #[test]
@@ -331,11 +325,11 @@ mod tests {
         let mut cycles = vec![cycle("pk1", H - 86_400, H + 30 * 86_400, "1000")];
         let mut posted = HashMap::new();
         let first = settle(H, "0.0005", &[(H + 10, d("800"))], &mut cycles, &posted);
-        posted_of(&first, &mut posted);
+        add_posted(&mut posted, &first);
         // the next hour draws 150 more
         let mut other = HashMap::new();
         let h2 = settle(H + 3600, "0.0005", &[(H + 3700, d("150"))], &mut cycles, &other);
-        posted_of(&h2, &mut other);
+        add_posted(&mut other, &h2);
         assert_eq!(cycles[0].used, d("950"));
         // late: 300 more in the first hour; 50 are left in the package, 250 billed
         let again = settle(H, "0.0005", &[(H + 10, d("800")), (H + 20, d("300"))], &mut cycles, &posted);
@@ -351,7 +345,7 @@ mod tests {
             ]
         );
         assert_eq!(cycles[0].used, d("1000"));
-        posted_of(&again, &mut posted);
+        add_posted(&mut posted, &again);
         // the same data again posts nothing
         assert!(settle(H, "0.0005", &[(H + 10, d("800")), (H + 20, d("300"))], &mut cycles, &posted).is_empty());
     }
