@@ -241,6 +241,17 @@ async fn open(url: &str) -> Result<Billing> {
 
 async fn child(args: &[String]) -> Result<Value> {
     let a = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
+    // `--child gen ppu|subs FILE N`: write a world document only (to profile one step by hand)
+    if a(0) == "gen" {
+        let n: usize = a(3).parse()?;
+        let path = Path::new(a(2));
+        match a(1) {
+            "ppu" => write_ppu_world(path, n, n.min(100_000))?,
+            "subs" => write_subscription_world(path, n, n.min(100_000))?,
+            other => bail!("unknown world {other:?}"),
+        }
+        return Ok(json!({"written": a(2)}));
+    }
     // every step opens the database first (connect, schema check) outside the measured time
     let b = open(a(1)).await?;
     let started = Instant::now();

@@ -80,6 +80,58 @@ pub fn fmt_plain(d: Decimal) -> String {
     d.normalize().to_string()
 }
 
+/// How a stored amount is shown in the CSV.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shown {
+    /// `fmt_cents`
+    Cents,
+    /// `fmt_amount`
+    Amount,
+    /// `fmt_plain`
+    Plain,
+}
+
+/// A stored decimal text (as the database returns it) shown as `fmt_cents`/`fmt_amount`/
+/// `fmt_plain` would show its value, without parsing it when the text is already in the canonical
+/// form a decimal prints as (`-?(0|[1-9][0-9]*)\.[0-9]+`, not a negative zero): then only trailing
+/// zeros are cut or kept. Anything else goes through `Decimal`. The export's hot path.
+pub fn show_stored(text: &str, how: Shown) -> Result<std::borrow::Cow<'_, str>, String> {
+    use std::borrow::Cow;
+    if let Some(frac) = canonical_fraction(text) {
+        let keep = match how {
+            Shown::Cents if frac.len() == CENT_DP as usize => return Ok(Cow::Borrowed(text)),
+            Shown::Cents => None,
+            Shown::Amount => Some(frac.trim_end_matches('0').len().max(CENT_DP as usize)),
+            Shown::Plain => Some(frac.trim_end_matches('0').len()),
+        };
+        if let Some(keep) = keep.filter(|&k| k <= frac.len()) {
+            let cut = frac.len() - keep + usize::from(keep == 0); // the point goes with the last digit
+            return Ok(Cow::Borrowed(&text[..text.len() - cut]));
+        }
+    }
+    let d: Decimal = text.parse().map_err(|_| format!("a stored amount {text:?} is not a decimal"))?;
+    Ok(Cow::Owned(match how {
+        Shown::Cents => fmt_cents(d),
+        Shown::Amount => fmt_amount(d),
+        Shown::Plain => fmt_plain(d),
+    }))
+}
+
+/// The digits after the point when `text` is `-?(0|[1-9][0-9]*)\.[0-9]+` and not a negative zero.
+fn canonical_fraction(text: &str) -> Option<&str> {
+    let unsigned = text.strip_prefix('-').unwrap_or(text);
+    let (int, frac) = unsigned.split_once('.')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int) || !digits(frac) || (int.len() > 1 && int.starts_with('0')) {
+        return None;
+    }
+    let zero = int == "0" && frac.bytes().all(|b| b == b'0');
+    if zero && unsigned.len() != text.len() {
+        return None;
+    }
+    Some(frac)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,7 +176,37 @@ mod tests {
         assert_eq!(fmt_amount(d("1.00000000")), "1.00");
     }
 
+    #[test]
+    fn stored_text_shown_like_its_value() {
+        let show = |t: &str, h: Shown| show_stored(t, h).unwrap().into_owned();
+        assert_eq!(show("1.08000000", Shown::Amount), "1.08");
+        assert_eq!(show("0.00300000", Shown::Amount), "0.003");
+        assert_eq!(show("0.00000000", Shown::Amount), "0.00");
+        assert_eq!(show("1.00", Shown::Plain), "1");
+        assert_eq!(show("0.36", Shown::Plain), "0.36");
+        assert_eq!(show("-0.27", Shown::Cents), "-0.27");
+        assert_eq!(show("5", Shown::Cents), "5.00");
+        assert_eq!(show("1e2", Shown::Plain), "100");
+        assert!(show_stored("NaN", Shown::Cents).is_err());
+    }
+
     proptest! {
+        /// Whatever text a decimal is stored as (its own printing, or another scale), the shown
+        /// form equals the one of the parsed value.
+        #[test]
+        fn stored_fast_path_equals_the_decimal_path(m in -10_000_000_000i64..10_000_000_000, scale in 0u32..12, pad in 0usize..4) {
+            let d = Decimal::new(m, scale);
+            let mut text = d.to_string();
+            if pad > 0 {
+                if !text.contains('.') { text.push('.'); }
+                text.push_str(&"0".repeat(pad));
+            }
+            let parsed: Decimal = text.parse().unwrap();
+            prop_assert_eq!(show_stored(&text, Shown::Cents).unwrap(), fmt_cents(parsed));
+            prop_assert_eq!(show_stored(&text, Shown::Amount).unwrap(), fmt_amount(parsed));
+            prop_assert_eq!(show_stored(&text, Shown::Plain).unwrap(), fmt_plain(parsed));
+        }
+
         #[test]
         fn exact_against_integer_reference(p in 0i64..100_000_000, q in 1i64..10_000, s in 0i64..=3600) {
             // price with 4 decimals, integer quantity: exact value in 1e-8 units = p*q*s*10^4/3600

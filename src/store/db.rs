@@ -186,7 +186,7 @@ fn read_pg(row: &PgRow, kinds: &[Kind]) -> Result<Row> {
 
 /// How long a SQLite statement waits for another writer's lock before failing with "database is
 /// locked": `BILLRUN_SQLITE_BUSY_TIMEOUT_MS`, default 60 s.
-fn sqlite_busy_timeout() -> Duration {
+pub(crate) fn sqlite_busy_timeout() -> Duration {
     std::env::var("BILLRUN_SQLITE_BUSY_TIMEOUT_MS")
         .ok()
         .and_then(|v| v.parse().ok())

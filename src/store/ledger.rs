@@ -117,8 +117,15 @@ fn line_of(r: &Row) -> Result<LedgerLine> {
 
 /// Appends lines. The unique (line_key, revision) makes a second posting of the same line fail the
 /// whole transaction instead of charging twice.
+///
+/// Rows are inserted in the export's order (time, then id), not in the order they were charged
+/// (`balance_after` carries that): the ids are hashes, so charging order scatters them, and a
+/// table written in id order is read back by the export's index walk page after page instead of
+/// one random page per row, and keeps the unique id index's inserts local.
 pub(crate) async fn post_lines(tx: &mut Tx, lines: &[LedgerLine]) -> Result<u64> {
-    let rows = lines.iter().map(line_row).collect();
+    let mut sorted: Vec<&LedgerLine> = lines.iter().collect();
+    sorted.sort_unstable_by(|a, b| (a.transaction_time, &a.transaction_id).cmp(&(b.transaction_time, &b.transaction_id)));
+    let rows = sorted.into_iter().map(line_row).collect();
     tx.insert_rows("ledger", line_columns(), rows, "").await
 }
 
@@ -150,103 +157,257 @@ pub struct ExportFilter {
     pub account: Option<String>,
 }
 
-/// Streams the lines with `transaction_time` in [from, to), by time then id, with the CSV's
-/// columns only (what a line keeps for re-settlement and `explain` is left empty: the export
-/// reads a tenth of the bytes).
-pub async fn stream_lines(db: &Db, f: &ExportFilter, mut each: impl FnMut(LedgerLine) -> Result<()>) -> Result<u64> {
-    if let Db::Sqlite(_) = db {
-        return stream_lines_packed(db, f, &mut each).await;
+/// A stored cell of a ledger row, borrowed from the reader's buffer for one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cell<'a> {
+    Null,
+    Int(i64),
+    Text(&'a str),
+}
+
+impl<'a> Cell<'a> {
+    pub fn text(self) -> Option<&'a str> {
+        match self {
+            Cell::Text(s) => Some(s),
+            _ => None,
+        }
     }
-    let csv_columns = crate::export::COLUMNS.join(", ");
-    let sql = format!(
-        "SELECT {csv_columns} FROM ledger WHERE transaction_time >= $1 AND transaction_time < $2 AND ($3 = '' OR account_id = $3) \
-         ORDER BY transaction_time, transaction_id"
-    );
-    let args = vec![
-        f.from.unwrap_or(i64::MIN).into(),
-        f.to.unwrap_or(i64::MAX).into(),
-        f.account.clone().unwrap_or_default().into(),
-    ];
-    db.stream(sqlx::AssertSqlSafe(sql), args, csv_kinds(), |r| each(csv_line_of(r)?))
-        .await
+
+    /// An integer column (PostgreSQL's COPY hands it over as text).
+    pub fn int(self) -> Result<Option<i64>> {
+        match self {
+            Cell::Null => Ok(None),
+            Cell::Int(v) => Ok(Some(v)),
+            Cell::Text(s) => s.parse().map(Some).with_context(|| format!("a stored integer {s:?}")),
+        }
+    }
 }
 
-/// The kinds of the CSV's columns, the first of the ledger's.
-fn csv_kinds() -> &'static [Kind] {
-    &LINE_KINDS[..crate::export::COLUMNS.len()]
+/// The export's statement: the CSV's columns of the lines with `transaction_time` in [from, to)
+/// (of one account if given), by time then id. Ids and bounds are literals (PostgreSQL's COPY takes
+/// no parameters): integers, and the account quoted as a standard SQL string.
+fn export_select(f: &ExportFilter) -> String {
+    let account = match &f.account {
+        Some(a) => format!(" AND account_id = '{}'", a.replace('\'', "''")),
+        None => String::new(),
+    };
+    format!(
+        "SELECT {} FROM ledger WHERE transaction_time >= {} AND transaction_time < {}{account} ORDER BY transaction_time, transaction_id",
+        crate::export::COLUMNS.join(", "),
+        f.from.unwrap_or(i64::MIN),
+        f.to.unwrap_or(i64::MAX)
+    )
 }
 
-/// A line from a row of the CSV's columns only; what the CSV does not show is left empty.
-fn csv_line_of(mut row: Row) -> Result<LedgerLine> {
-    row.0
-        .extend([Val::Int(None), "".into(), 0i64.into(), "".into(), 0i64.into(), "".into()]);
-    line_of(&row)
+/// Streams the export's rows (the CSV's columns, as stored) to `each`, in one read transaction,
+/// so the file is one consistent snapshot however long it takes. Memory stays flat.
+///
+/// The driver's per-row cost, not the database, bounded the export (sqlx hands SQLite rows over
+/// one at a time across its worker thread, ~10 µs a row), so the rows are read with the least
+/// per-row work each backend allows: on SQLite a read-only rusqlite connection to the same file
+/// (WAL: readers never block the writer) stepping one prepared statement with borrowed cells; on
+/// PostgreSQL `COPY (SELECT ...) TO STDOUT`, parsed from the text format.
+pub async fn stream_export_rows(db: &Db, f: &ExportFilter, mut each: impl FnMut(&[Cell]) -> Result<()>) -> Result<u64> {
+    if f.account.as_deref().is_some_and(|a| a.contains('\0')) {
+        anyhow::bail!("ACCOUNT: contains a NUL character");
+    }
+    match db {
+        Db::Sqlite(pool) => {
+            let path = pool.connect_options().get_filename().to_path_buf();
+            sqlite_export_rows(&path, &export_select(f), &mut each)
+        }
+        Db::Postgres(pool) => {
+            let mut conn = pool.acquire().await?;
+            pg_export_rows(&mut conn, &export_select(f), &mut each).await
+        }
+    }
 }
 
-/// Rows per page of the SQLite export.
-const EXPORT_PAGE: i64 = 5_000;
-
-/// SQLite: sqlx hands rows over one at a time across its worker thread (about 10 µs a row), so the
-/// export reads pages of rows packed into one JSON array each (SQLite's `json_group_array`, in key
-/// order), walking the (transaction_time, transaction_id) index page after page. Amounts are stored
-/// as decimal text and stay text in the JSON: nothing passes through a float.
-async fn stream_lines_packed(db: &Db, f: &ExportFilter, each: &mut impl FnMut(LedgerLine) -> Result<()>) -> Result<u64> {
-    let cols = crate::export::COLUMNS.join(", ");
-    let sql = format!(
-        "SELECT json_group_array(json_array({cols}) ORDER BY transaction_time, transaction_id), COUNT(*) FROM \
-         (SELECT {cols} FROM ledger WHERE (transaction_time, transaction_id) > ($3, $4) AND transaction_time < $1 \
-         AND ($2 = '' OR account_id = $2) ORDER BY transaction_time, transaction_id LIMIT {EXPORT_PAGE})"
-    );
-    // each page seeks the index past the last key read (the first: from `from`, as no id is empty)
-    let (mut after_time, mut after_id) = (f.from.unwrap_or(i64::MIN), String::new());
+fn sqlite_export_rows(path: &std::path::Path, select: &str, each: &mut impl FnMut(&[Cell]) -> Result<()>) -> Result<u64> {
+    use rusqlite::{types::ValueRef, OpenFlags};
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+    )
+    .with_context(|| format!("opening {} to read the ledger", path.display()))?;
+    conn.busy_timeout(super::db::sqlite_busy_timeout())?;
+    let mut stmt = conn.prepare(select)?;
+    let width = stmt.column_count();
+    let mut rows = stmt.query([])?;
     let mut n = 0;
-    loop {
-        let args = vec![
-            f.to.unwrap_or(i64::MAX).into(),
-            f.account.clone().unwrap_or_default().into(),
-            after_time.into(),
-            after_id.clone().into(),
-        ];
-        let page = db.rows(sqlx::AssertSqlSafe(sql.clone()), args, &[Kind::Text, Kind::Int]).await?;
-        let count = page[0].int(1);
-        if count == 0 {
-            break;
+    while let Some(r) = rows.next()? {
+        let mut cells = [Cell::Null; 32];
+        for (i, cell) in cells.iter_mut().enumerate().take(width) {
+            *cell = match r.get_ref(i)? {
+                ValueRef::Null => Cell::Null,
+                ValueRef::Integer(v) => Cell::Int(v),
+                ValueRef::Text(t) => Cell::Text(std::str::from_utf8(t).context("a stored text is not UTF-8")?),
+                other => anyhow::bail!("column {i} of the ledger holds {:?}", other.data_type()),
+            };
         }
-        let rows: Vec<Vec<serde_json::Value>> = serde_json::from_str(&page[0].text(0)).context("a packed page of the ledger")?;
-        for values in rows {
-            let line = csv_line_of(row_of_json(values, csv_kinds())?)?;
-            after_time = line.transaction_time;
-            after_id.clone_from(&line.transaction_id);
-            each(line)?;
-            n += 1;
-        }
-        if count < EXPORT_PAGE {
-            break;
-        }
+        each(&cells[..width])?;
+        n += 1;
     }
     Ok(n)
 }
 
-/// A JSON array read back as a row of the given kinds.
-fn row_of_json(values: Vec<serde_json::Value>, kinds: &[Kind]) -> Result<Row> {
-    use serde_json::Value as J;
-    if values.len() != kinds.len() {
-        anyhow::bail!("a packed row has {} values, expected {}", values.len(), kinds.len());
+async fn pg_export_rows(conn: &mut sqlx::PgConnection, select: &str, each: &mut impl FnMut(&[Cell]) -> Result<()>) -> Result<u64> {
+    use futures_util::StreamExt;
+    let mut stream = conn.copy_out_raw(&format!("COPY ({select}) TO STDOUT")).await?;
+    let mut rows = CopyTextRows::default();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut n = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        // a chunk is usually one whole row; rows cut across chunks are joined first
+        let data: &[u8] = if pending.is_empty() {
+            &chunk
+        } else {
+            pending.extend_from_slice(&chunk);
+            &pending
+        };
+        let mut done = 0;
+        while let Some(end) = data[done..].iter().position(|&b| b == b'\n') {
+            rows.parse(&data[done..done + end], each)?;
+            done += end + 1;
+            n += 1;
+        }
+        let rest = data[done..].to_vec();
+        pending = rest;
     }
-    values
-        .into_iter()
-        .zip(kinds)
-        .map(|(v, k)| {
-            Ok(match (k, v) {
-                (Kind::Int, J::Null) => Val::Int(None),
-                (Kind::Int, J::Number(n)) => Val::Int(Some(n.as_i64().context("an integer column")?)),
-                (Kind::Text, J::Null) => Val::Text(None),
-                (Kind::Text, J::String(s)) => Val::Text(Some(s)),
-                (Kind::Money, J::Null) => Val::Money(None),
-                (Kind::Money, J::String(s)) => Val::Money(Some(s.parse().with_context(|| format!("a stored amount {s:?}"))?)),
-                (k, v) => anyhow::bail!("a packed row holds {v} where a {k:?} column was expected"),
-            })
+    if !pending.is_empty() {
+        anyhow::bail!("the ledger's COPY output ended inside a row");
+    }
+    Ok(n)
+}
+
+/// Parses rows of PostgreSQL's COPY text format: tab-separated, `\N` for NULL, backslash
+/// escapes. Cells without a backslash are borrowed; escaped ones are decoded into reused buffers.
+#[derive(Default)]
+struct CopyTextRows {
+    decoded: Vec<String>,
+}
+
+impl CopyTextRows {
+    fn parse(&mut self, line: &[u8], each: &mut impl FnMut(&[Cell]) -> Result<()>) -> Result<()> {
+        let line = std::str::from_utf8(line).context("COPY output is not UTF-8")?;
+        let mut fields = [""; 32];
+        let mut width = 0;
+        for field in line.split('\t') {
+            *fields.get_mut(width).context("a COPY row has too many fields")? = field;
+            width += 1;
+        }
+        if self.decoded.len() < width {
+            self.decoded.resize(width, String::new());
+        }
+        for (field, buf) in fields[..width].iter().zip(self.decoded.iter_mut()) {
+            if field.contains('\\') && *field != "\\N" {
+                unescape_copy_text(field, buf)?;
+            }
+        }
+        let mut cells = [Cell::Null; 32];
+        for (i, field) in fields[..width].iter().enumerate() {
+            cells[i] = if *field == "\\N" {
+                Cell::Null
+            } else if field.contains('\\') {
+                Cell::Text(&self.decoded[i])
+            } else {
+                Cell::Text(field)
+            };
+        }
+        each(&cells[..width])
+    }
+}
+
+/// Decodes one field of COPY's text format (the escapes PostgreSQL writes, and octal/hex bytes).
+fn unescape_copy_text(field: &str, out: &mut String) -> Result<()> {
+    let mut bytes = Vec::with_capacity(field.len());
+    let mut it = field.bytes().peekable();
+    while let Some(b) = it.next() {
+        if b != b'\\' {
+            bytes.push(b);
+            continue;
+        }
+        let e = it.next().context("a COPY field ends with a backslash")?;
+        bytes.push(match e {
+            b'b' => 8,
+            b'f' => 12,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'v' => 11,
+            b'0'..=b'7' => {
+                let mut v = u32::from(e - b'0');
+                for _ in 0..2 {
+                    match it.peek() {
+                        Some(&d @ b'0'..=b'7') => {
+                            v = v * 8 + u32::from(d - b'0');
+                            it.next();
+                        }
+                        _ => break,
+                    }
+                }
+                v as u8
+            }
+            b'x' => {
+                let mut v = 0u32;
+                for _ in 0..2 {
+                    match it.peek().and_then(|&d| (d as char).to_digit(16)) {
+                        Some(d) => {
+                            v = v * 16 + d;
+                            it.next();
+                        }
+                        None => break,
+                    }
+                }
+                v as u8
+            }
+            other => other,
+        });
+    }
+    *out = String::from_utf8(bytes).context("a COPY field decodes to invalid UTF-8")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_rows_are_decoded() {
+        let mut rows = CopyTextRows::default();
+        let mut got = Vec::new();
+        rows.parse(b"tx_1\t1704880800\t\\N\tacme\\tco\\\\x\t\\303\\251t\t\\xc3\\xa9", &mut |cells| {
+            got = cells.iter().map(|c| format!("{c:?}")).collect();
+            Ok(())
         })
-        .collect::<Result<Vec<_>>>()
-        .map(Row)
+        .unwrap();
+        assert_eq!(
+            got,
+            [
+                "Text(\"tx_1\")",
+                "Text(\"1704880800\")",
+                "Null",
+                "Text(\"acme\\tco\\\\x\")",
+                "Text(\"ét\")",
+                "Text(\"é\")"
+            ]
+        );
+        assert_eq!(Cell::Text("-5").int().unwrap(), Some(-5));
+        assert!(Cell::Text("x").int().is_err());
+    }
+
+    #[test]
+    fn export_select_quotes_the_account() {
+        let f = ExportFilter {
+            from: Some(1),
+            to: None,
+            account: Some("o'brien".into()),
+        };
+        let sql = export_select(&f);
+        assert!(
+            sql.contains("transaction_time >= 1 AND transaction_time < 9223372036854775807 AND account_id = 'o''brien'"),
+            "{sql}"
+        );
+    }
 }
