@@ -324,6 +324,55 @@ async fn export_keeps_awkward_ids_intact() {
     .await;
 }
 
+/// Migration 7 drops the ledger's unique (line_key, revision) (SQLite: by rebuilding the table):
+/// every row, column and seq survives, seq continues, and the unique transaction_id (a hash of
+/// that pair) still refuses a second posting.
+#[tokio::test]
+async fn ledger_migration_keeps_every_row() {
+    use billrun::store::db::{Db, Kind};
+    use billrun::store::schema::{migrate, migrate_to};
+    on_each_backend(async |be| {
+        let db = Db::connect(&be.url).await.unwrap();
+        assert_eq!(migrate_to(&db, 6).await.unwrap(), 6);
+        let insert = |id: &str, key: &str, revision: i64| {
+            format!(
+                "INSERT INTO ledger (transaction_id, transaction_time, account_id, resource_id, product, plan_id, billing_mode, \
+                 transaction_type, billing_item, period_start, period_end, usage_seconds, quantity, unit_price, list_amount, \
+                 truncated_amount, amount_due, paid_amount, arrears_amount, balance_after, currency, hour_start, line_key, revision, \
+                 run_job, run_at, explain) VALUES ('{id}', 100, 'a', 'r', 'KooPhone', 'p', 'pay_per_use', 'usage', 'instance', \
+                 0, 3600, 3600, 1, 0.36, 0.36000000, 0.00000000, 0.36, 0.30, 0.06, -0.06, 'CNY', 0, '{key}', {revision}, 'settle', 100, '{{}}')"
+            )
+        };
+        for (id, key, revision) in [("tx_a", "k1", 0), ("tx_b", "k1", 1), ("tx_x", "k9", 0), ("tx_c", "k2", 0)] {
+            db.exec(sqlx::AssertSqlSafe(insert(id, key, revision)), vec![]).await.unwrap();
+        }
+        // a gap in seq, as a rolled-back posting leaves
+        db.exec("DELETE FROM ledger WHERE transaction_id = 'tx_x'", vec![]).await.unwrap();
+        let dump = "SELECT seq, transaction_id, transaction_time, quantity, list_amount, amount_due, balance_after, line_key, revision, explain \
+                    FROM ledger ORDER BY seq";
+        let kinds = [Kind::Int, Kind::Text, Kind::Int, Kind::Money, Kind::Money, Kind::Money, Kind::Money, Kind::Text, Kind::Int, Kind::Text];
+        let before: Vec<String> = db.rows(dump, vec![], &kinds).await.unwrap().iter().map(|r| format!("{:?}", r.0)).collect();
+        assert_eq!(migrate(&db).await.unwrap(), 7, "{}", be.name);
+        let after: Vec<String> = db.rows(dump, vec![], &kinds).await.unwrap().iter().map(|r| format!("{:?}", r.0)).collect();
+        assert_eq!(before, after, "{}", be.name);
+        assert!(after[2].contains("Int(Some(4))") && after[1].contains("-0.06"), "{after:?}");
+        // the same (line_key, revision) under a new id is no longer refused by the pair...
+        db.exec(sqlx::AssertSqlSafe(insert("tx_d", "k2", 0)), vec![]).await.unwrap();
+        // ...and a second posting of a line (same pair, so the same hashed id) still is
+        assert!(db.exec(sqlx::AssertSqlSafe(insert("tx_c", "k2", 0)), vec![]).await.is_err(), "{}", be.name);
+        // seq goes on after the highest one kept
+        let next = "INSERT INTO ledger (transaction_id, transaction_time, account_id, resource_id, product, plan_id, billing_mode, \
+                    transaction_type, period_start, period_end, quantity, unit_price, list_amount, truncated_amount, amount_due, paid_amount, \
+                    arrears_amount, balance_after, currency, line_key, revision, run_job, run_at, explain) VALUES ('tx_e', 100, 'a', 'r', \
+                    'KooPhone', 'p', 'pay_per_use', 'usage', 0, 3600, 1, 0.36, 0.36, 0, 0.36, 0.36, 0, 0, 'CNY', 'k3', 0, 'settle', 100, '{}')";
+        db.exec(next, vec![]).await.unwrap();
+        let seq = db.rows("SELECT seq FROM ledger WHERE transaction_id = 'tx_e'", vec![], &[Kind::Int]).await.unwrap()[0].int(0);
+        assert!(seq > 5, "{}: seq {seq}", be.name);
+        db.close().await;
+    })
+    .await;
+}
+
 fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap()
 }

@@ -12,6 +12,7 @@ const SQLITE: &[(i64, &str)] = &[
     (4, include_str!("../../sql/sqlite/0004_delivery.sql")),
     (5, include_str!("../../sql/sqlite/0005_chunks.sql")),
     (6, include_str!("../../sql/sqlite/0006_packages.sql")),
+    (7, include_str!("../../sql/sqlite/0007_ledger_keys.sql")),
 ];
 const POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../sql/postgres/0001_foundation.sql")),
@@ -20,10 +21,16 @@ const POSTGRES: &[(i64, &str)] = &[
     (4, include_str!("../../sql/postgres/0004_delivery.sql")),
     (5, include_str!("../../sql/postgres/0005_chunks.sql")),
     (6, include_str!("../../sql/postgres/0006_packages.sql")),
+    (7, include_str!("../../sql/postgres/0007_ledger_keys.sql")),
 ];
 
 /// Brings the schema up to date. Concurrent starts are serialised by a lock on `meta`.
 pub async fn migrate(db: &Db) -> Result<i64> {
+    migrate_to(db, i64::MAX).await
+}
+
+/// Applies the migrations up to version `target` (tests start a database at an older version).
+pub async fn migrate_to(db: &Db, target: i64) -> Result<i64> {
     let steps = match db.backend() {
         Backend::Sqlite => SQLITE,
         Backend::Postgres => POSTGRES,
@@ -46,7 +53,7 @@ pub async fn migrate(db: &Db) -> Result<i64> {
         .unwrap_or(0);
     let mut version = current;
     for (v, sql) in steps {
-        if *v > version {
+        if *v > version && *v <= target {
             tx.script(sql).await?;
             version = *v;
         }
