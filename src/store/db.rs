@@ -214,6 +214,7 @@ impl Db {
                 .foreign_keys(true)
                 // 64 MiB page cache: a big hour's inserts stay in memory until commit
                 .pragma("cache_size", "-65536")
+                .pragma("wal_autocheckpoint", "65536")
                 .disable_statement_logging();
             let pool = SqlitePoolOptions::new()
                 .max_connections(4)
@@ -388,13 +389,13 @@ impl Tx {
 
     /// Runs `head (..), (..) tail` for each chunk of rows: a multi-row INSERT, or a
     /// `WITH v(cols) AS (VALUES ..) UPDATE .. FROM v` that sets many rows in one statement.
+    ///
+    /// The next statement is built (text, and on SQLite amounts as text) while the database runs
+    /// the current one: sqlx executes on its own thread, so building no longer waits for it.
     pub async fn values_statements(&mut self, head: &str, columns: usize, rows: Vec<Vec<Val>>, tail: &str) -> Result<u64> {
-        let mut affected = 0;
         let sqlite = self.backend() == Backend::Sqlite;
         let per = rows_per_statement(columns);
-        let mut rows = rows.into_iter().peekable();
-        while rows.peek().is_some() {
-            let chunk: Vec<Vec<Val>> = rows.by_ref().take(per).collect();
+        let build = |chunk: Vec<Vec<Val>>| -> (String, Vec<Val>) {
             let mut sql = String::with_capacity(head.len() + tail.len() + chunk.len() * columns * 7);
             sql.push_str(head);
             let mut args = Vec::with_capacity(chunk.len() * columns);
@@ -415,11 +416,30 @@ impl Tx {
                     }
                 }
                 sql.push(')');
-                args.extend(row);
+                if sqlite {
+                    // what bind_sqlite would do at bind time, done here where it overlaps
+                    args.extend(row.into_iter().map(|v| match v {
+                        Val::Money(d) => Val::Text(d.map(|d| d.to_string())),
+                        v => v,
+                    }));
+                } else {
+                    args.extend(row);
+                }
             }
             sql.push_str(tail);
+            (sql, args)
+        };
+        let mut rows = rows.into_iter().peekable();
+        let mut next = rows.peek().is_some().then(|| build(rows.by_ref().take(per).collect()));
+        let mut affected = 0;
+        while let Some((sql, args)) = next.take() {
+            let more: Vec<Vec<Val>> = rows.by_ref().take(per).collect();
             // only identifiers from this crate and numbered placeholders are in the text
-            affected += self.exec(AssertSqlSafe(sql), args).await?;
+            let (done, built) = tokio::join!(self.exec(AssertSqlSafe(sql), args), async {
+                (!more.is_empty()).then(|| build(more))
+            });
+            affected += done?;
+            next = built;
         }
         Ok(affected)
     }
