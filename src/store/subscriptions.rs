@@ -2,12 +2,13 @@
 //! (renewal attempts, then lifecycle transitions, then expiry alerts) and the operator actions
 //! (renew, unsubscribe, to-ppu). Each is one transaction.
 
-use super::db::{Db, Kind, Row, Tx, Val};
+use super::db::{Backend, Db, Kind, Row, Tx, Val};
 use super::ledger;
 use super::runs::{self, Claim};
 use super::world::{all_plans, notify_event, notify_events, plan_of, record_arrears_events, save_accounts, Notice};
 use crate::billing::lifecycle::{
-    alert_days, days_until, expiry_transitions, refund_at, renewal_due, resource_arrears_transitions, ArrearsPeriod, PaidCycle, State,
+    alert_days, date_text, days_until, expiry_transitions, refund_at, renewal_due, resource_arrears_transitions, ArrearsPeriod, PaidCycle,
+    State,
 };
 use crate::billing::model::{BillingMode, LedgerLine, Plan, TransactionType};
 use crate::billing::money::{fmt_cents, fmt_plain};
@@ -77,26 +78,59 @@ fn sub_of(r: &Row) -> Result<Subscription> {
 }
 
 /// Subscriptions: one, or those of the accounts in [first, last] not released by `live_at` (a
-/// released one has nothing left to do).
-async fn subscriptions(tx: &mut Tx, only: Option<&str>, live_at: Option<i64>, accounts: Option<(&str, &str)>) -> Result<Vec<Subscription>> {
+/// released one has nothing left to do). With `due_on`, only those the daily run on that local
+/// date can act on: a renewal attempt (expiring within their `renew_days_before`, which also
+/// takes in every expired one, whose transitions fall on or after the day after expiry) or an
+/// expiry alert (expiring in exactly one of the alert days). The rest (most of a big book on most
+/// days) is not read at all. That the filter keeps everything the run acts on is checked by every
+/// daily story (tests/subscriptions.rs, packages.rs) and by the reference model (tests/model.rs).
+async fn subscriptions(
+    tx: &mut Tx,
+    only: Option<&str>,
+    live_at: Option<i64>,
+    accounts: Option<(&str, &str)>,
+    due_on: Option<NaiveDate>,
+) -> Result<Vec<Subscription>> {
     let (first, last) = accounts.unwrap_or(("", ""));
-    let rows = tx
-        .rows(
-            "SELECT id, account_id, plan_id, mode, quantity, created_at, anchor_date, months_paid, auto_renew, auto_renew_times, \
-             renewals_done, renew_days_before, ppu_from, ppu_at_expiry, released_at, package, serves, parts FROM resources \
-             WHERE mode <> 'pay_per_use' AND ($1 = '' OR id = $1) AND (released_at IS NULL OR released_at > $2) \
-             AND ($3 = '' OR (account_id >= $3 AND account_id <= $4)) ORDER BY account_id, id",
-            vec![
-                only.unwrap_or("").into(),
-                live_at.unwrap_or(i64::MIN).into(),
-                first.into(),
-                last.into(),
-            ],
-            SUB_KINDS,
-        )
-        .await?;
+    let mut args: Vec<Val> = vec![
+        only.unwrap_or("").into(),
+        live_at.unwrap_or(i64::MIN).into(),
+        first.into(),
+        last.into(),
+    ];
+    let due = match due_on {
+        Some(today) => {
+            let renewal_window = match tx.backend() {
+                Backend::Sqlite => "date($5, '+' || renew_days_before || ' days')",
+                Backend::Postgres => "to_char(CAST($5 AS date) + CAST(renew_days_before AS integer), 'YYYY-MM-DD')",
+            };
+            args.push(date_text(today).into());
+            let mut alert_dates = Vec::new();
+            for d in ALERT_DAYS_ANY {
+                args.push(date_text(today + chrono::Duration::days(d)).into());
+                alert_dates.push(format!("${}", args.len()));
+            }
+            format!(
+                " AND (expires_on IS NULL OR expires_on <= {renewal_window} OR expires_on IN ({}))",
+                alert_dates.join(", ")
+            )
+        }
+        None => String::new(),
+    };
+    let sql = format!(
+        "SELECT id, account_id, plan_id, mode, quantity, created_at, anchor_date, months_paid, auto_renew, auto_renew_times, \
+         renewals_done, renew_days_before, ppu_from, ppu_at_expiry, released_at, package, serves, parts FROM resources \
+         WHERE mode <> 'pay_per_use' AND ($1 = '' OR id = $1) AND (released_at IS NULL OR released_at > $2) \
+         AND ($3 = '' OR (account_id >= $3 AND account_id <= $4)){due} ORDER BY account_id, id"
+    );
+    // only constant SQL and numbered placeholders are in the text
+    let rows = tx.rows(sqlx::AssertSqlSafe(sql), args, SUB_KINDS).await?;
     rows.iter().map(sub_of).collect()
 }
+
+/// Every number of days before expiry on which some subscription is alerted (yearly and monthly
+/// cycles, packages).
+const ALERT_DAYS_ANY: [i64; 5] = [1, 3, 7, 15, 30];
 
 fn subscription_row(s: &Subscription) -> Vec<Val> {
     vec![
@@ -245,7 +279,8 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
         .map(|c| (c[0].clone(), c[c.len() - 1].clone()))
         .collect();
     for (first, last) in &batches {
-        let mut subs = subscriptions(&mut tx, None, Some(at), Some((first, last))).await?;
+        let due_on = zone.local_date(at);
+        let mut subs = subscriptions(&mut tx, None, Some(at), Some((first, last)), Some(due_on)).await?;
         daily_batch(&mut tx, zone, at, &plans, &mut books, &mut events, &mut subs, &mut out).await?;
     }
     out.transitions += ppu_arrears_transitions(&mut tx, zone, at).await?;
@@ -520,7 +555,7 @@ fn input(msg: String) -> anyhow::Error {
 }
 
 async fn one_subscription(tx: &mut Tx, resource: &str) -> Result<Subscription> {
-    let subs = subscriptions(tx, Some(resource), None, None).await?;
+    let subs = subscriptions(tx, Some(resource), None, None, None).await?;
     match subs.into_iter().next() {
         Some(s) => Ok(s),
         None => {
@@ -769,4 +804,20 @@ pub async fn to_ppu(db: &Db, zone: &BillingZone, resource: &str, now: bool, at: 
     record_arrears_events(&mut tx, &events).await?;
     tx.commit().await?;
     Ok((from, line))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_daily_filter_knows_every_alert_day() {
+        for days in [
+            alert_days(BillingMode::Yearly),
+            alert_days(BillingMode::Monthly),
+            PACKAGE_ALERT_DAYS,
+        ] {
+            assert!(days.iter().all(|d| ALERT_DAYS_ANY.contains(d)), "{days:?}");
+        }
+    }
 }
