@@ -227,6 +227,7 @@ async fn export_reconciles_with_the_balances() {
         b.tick(t("2023-04-18T12:00:00Z"), |_, _| {}).await.unwrap();
         b.topup("zeta", "20.00", t("2023-04-18T12:30:00Z")).await.unwrap();
         b.tick(t("2023-04-19T03:00:00Z"), |_, _| {}).await.unwrap();
+        assert_export_matches_records(&b, be.name).await;
         let rows = rows(&csv(&b).await);
         let status = b.status().await.unwrap();
         let opening: HashMap<&str, Decimal> = HashMap::from([("acme", dec("30.00")), ("zeta", dec("3.00"))]);

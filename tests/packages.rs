@@ -139,6 +139,7 @@ async fn twelve_thousand_emails_with_a_ten_thousand_package() {
             .unwrap();
         assert_eq!(rerun.lines, 0, "{}", be.name);
         assert_eq!(csv(&b).await.lines().count(), 5);
+        assert_export_matches_records(&b, be.name).await;
     })
     .await;
 }

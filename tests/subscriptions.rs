@@ -96,6 +96,7 @@ async fn koophone_purchase_and_auto_renewal() {
         );
         let n = notes(&b).await;
         assert_eq!(kinds(&n, "renewal_succeeded"), ["2023-03-01T00:03:00+08:00"]);
+        assert_export_matches_records(&b, be.name).await;
         b.db.close().await;
     })
     .await;
@@ -320,6 +321,7 @@ async fn unsubscribing_after_twelve_days_refunds_eighteen_thirtieths() {
             ("-59.40", "-59.40", "0.00", "")
         );
         assert!(b.unsubscribe("s1", t("2023-06-29T00:00:00Z")).await.is_err());
+        assert_export_matches_records(&b, be.name).await;
         b.db.close().await;
     })
     .await;
