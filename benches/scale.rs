@@ -37,6 +37,13 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--child") {
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        if std::env::var("RUST_LOG").is_ok() {
+            // a measured step's own log, to see where its time goes (`RUST_LOG=sqlx=debug`)
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .init();
+        }
         let out = rt.block_on(child(&args[i + 1..]))?;
         println!("{out}");
         return Ok(());
@@ -237,10 +244,13 @@ fn peak_rss_mib() -> f64 {
 }
 
 async fn open(url: &str) -> Result<Billing> {
-    let cfg = Config {
+    let mut cfg = Config {
         timezone: Some(BillingZone::parse("UTC").unwrap()),
         ..Config::for_url(url)
     };
+    if let Some(n) = std::env::var("BILLRUN_CHUNK_RESOURCES").ok().and_then(|v| v.parse().ok()) {
+        cfg.settle.chunk_resources = n;
+    }
     Billing::open(&cfg).await
 }
 

@@ -172,6 +172,78 @@ fn read_sqlite(row: &SqliteRow, kinds: &[Kind]) -> Result<Row> {
     Ok(Row(out))
 }
 
+/// Reads a query's rows inside the transaction, on its own SQLite connection, with rusqlite.
+///
+/// sqlx copies every value of every row (`sqlite3_value_dup`, one allocation each) and hands rows
+/// across its worker thread; for the reads that take in a big batch (the daily run's hundreds of
+/// thousands of subscriptions) that was most of their cost. rusqlite steps the statement here
+/// and reads each cell in place. The placeholders are bound as sqlx binds them (`$N` is argument
+/// N, a bare `?` the next one).
+async fn sqlite_rows(conn: &mut sqlx::SqliteConnection, sql: &str, args: &[Val], kinds: &[Kind]) -> Result<Vec<Row>> {
+    let mut handle = conn.lock_handle().await?;
+    // SAFETY: the handle is sqlx's open connection, locked for this call: sqlx's worker runs
+    // nothing on it until `handle` drops, which is after the rusqlite view (which does not own
+    // the handle, so never closes it) and its statement are gone.
+    let view = unsafe { rusqlite::Connection::from_handle(handle.as_raw_handle().as_ptr()) }?;
+    let out = read_with_rusqlite(&view, sql, args, kinds);
+    drop(view);
+    drop(handle);
+    out
+}
+
+fn read_with_rusqlite(conn: &rusqlite::Connection, sql: &str, args: &[Val], kinds: &[Kind]) -> Result<Vec<Row>> {
+    use rusqlite::types::{Null, ValueRef};
+    let mut stmt = conn.prepare(sql)?;
+    let mut next = 0;
+    for p in 1..=stmt.parameter_count() {
+        let n = match stmt.parameter_name(p) {
+            Some(name) => name[1..]
+                .parse::<usize>()
+                .with_context(|| format!("placeholder {name} is not numbered"))?,
+            None => {
+                next += 1;
+                next
+            }
+        };
+        let Some(a) = args.get(n - 1) else { break };
+        match a {
+            Val::Int(Some(v)) => stmt.raw_bind_parameter(p, v)?,
+            Val::Text(Some(v)) => stmt.raw_bind_parameter(p, v)?,
+            Val::Money(Some(d)) => stmt.raw_bind_parameter(p, d.to_string())?,
+            Val::Int(None) | Val::Text(None) | Val::Money(None) => stmt.raw_bind_parameter(p, Null)?,
+        }
+    }
+    let mut rows = stmt.raw_query();
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let mut vals = Vec::with_capacity(kinds.len());
+        for (i, k) in kinds.iter().enumerate() {
+            let v = r.get_ref(i)?;
+            vals.push(match (k, v) {
+                (Kind::Int, ValueRef::Null) => Val::Int(None),
+                (Kind::Int, ValueRef::Integer(v)) => Val::Int(Some(v)),
+                (Kind::Text, ValueRef::Null) => Val::Text(None),
+                (Kind::Text, ValueRef::Text(t)) => {
+                    Val::Text(Some(std::str::from_utf8(t).context("a stored text is not UTF-8")?.to_string()))
+                }
+                (Kind::Money, ValueRef::Null) => Val::Money(None),
+                (Kind::Money, ValueRef::Text(t)) => {
+                    let s = std::str::from_utf8(t).context("a stored amount is not UTF-8")?;
+                    Val::Money(Some(
+                        Decimal::from_str(s)
+                            .or_else(|_| Decimal::from_scientific(s))
+                            .with_context(|| format!("column {i}: `{s}` is not a decimal"))?,
+                    ))
+                }
+                (Kind::Money, ValueRef::Integer(v)) => Val::Money(Some(Decimal::from(v))),
+                (k, v) => bail!("column {i}: expected {k:?}, the database holds {:?}", v.data_type()),
+            });
+        }
+        out.push(Row(vals));
+    }
+    Ok(out)
+}
+
 fn read_pg(row: &PgRow, kinds: &[Kind]) -> Result<Row> {
     let mut out = Vec::with_capacity(kinds.len());
     for (i, k) in kinds.iter().enumerate() {
@@ -352,12 +424,7 @@ impl Tx {
 
     pub async fn rows(&mut self, sql: impl SqlSafeStr, args: Vec<Val>, kinds: &[Kind]) -> Result<Vec<Row>> {
         match self {
-            Tx::Sqlite(t) => bind_sqlite(sqlx::query(sql), args)
-                .fetch_all(&mut **t)
-                .await?
-                .iter()
-                .map(|r| read_sqlite(r, kinds))
-                .collect(),
+            Tx::Sqlite(t) => sqlite_rows(t, sql.into_sql_str().as_str(), &args, kinds).await,
             Tx::Postgres(t) => bind_pg(sqlx::query(sql), args)
                 .fetch_all(&mut **t)
                 .await?
@@ -499,5 +566,66 @@ mod tests {
             strip_secret("password s3cret rejected", "postgres://a:s3cret@h/d"),
             "password *** rejected"
         );
+    }
+
+    /// Reads inside a SQLite transaction go through rusqlite on sqlx's handle: placeholders bind
+    /// as sqlx binds them, every kind reads back exactly, a wrong kind names the column, and the
+    /// connection goes on working for sqlx afterwards (same transaction, then committed).
+    #[tokio::test]
+    async fn sqlite_reads_in_a_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+            .await
+            .unwrap();
+        let mut tx = db.begin().await.unwrap();
+        tx.exec("CREATE TABLE t (id TEXT, n INTEGER, amount TEXT)", vec![]).await.unwrap();
+        tx.exec(
+            "INSERT INTO t VALUES ($1, $2, $3), ('b', NULL, NULL), ('c', 7, '-0.00000001')",
+            vec![
+                "a'\\N口".into(),
+                42.into(),
+                Val::Money(Some(Decimal::from_str("1234567.89").unwrap())),
+            ],
+        )
+        .await
+        .unwrap();
+        // $2 before $1, $1 used twice
+        let rows = tx
+            .rows(
+                "SELECT id, n, amount FROM t WHERE n >= $2 OR id = $1 OR (n IS NULL AND $1 <> '') ORDER BY id",
+                vec!["b".into(), 10.into()],
+                &[Kind::Text, Kind::Int, Kind::Money],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0].text(0), rows[0].int(1), rows[0].money(2)),
+            ("a'\\N口".to_string(), 42, Decimal::from_str("1234567.89").unwrap())
+        );
+        assert_eq!(
+            (rows[1].text(0), rows[1].opt_int(1), rows[1].0[2].clone()),
+            ("b".to_string(), None, Val::Money(None))
+        );
+        // bare `?` placeholders take the arguments in order; a NULL argument binds NULL
+        let rows = tx
+            .rows(
+                "SELECT id, amount FROM t WHERE id IN (?, ?) OR n = ?",
+                vec!["c".into(), "zz".into(), Val::Int(None)],
+                &[Kind::Text, Kind::Money],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].money(1), Decimal::from_str("-0.00000001").unwrap());
+        let err = tx
+            .rows("SELECT id, amount FROM t", vec![], &[Kind::Int, Kind::Money])
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("column 0"), "{err:#}");
+        tx.exec("UPDATE t SET n = n + 1 WHERE id = 'c'", vec![]).await.unwrap();
+        tx.commit().await.unwrap();
+        let n = db.rows("SELECT n FROM t WHERE id = 'c'", vec![], &[Kind::Int]).await.unwrap();
+        assert_eq!(n[0].int(0), 8);
     }
 }
