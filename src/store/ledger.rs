@@ -266,8 +266,9 @@ fn export_select(f: &ExportFilter) -> String {
 /// The driver's per-row cost, not the database, bounded the export (sqlx hands SQLite rows over
 /// one at a time across its worker thread, ~10 µs a row), so the rows are read with the least
 /// per-row work each backend allows: on SQLite a read-only rusqlite connection to the same file
-/// (WAL: readers never block the writer) stepping one prepared statement with borrowed cells; on
-/// PostgreSQL `COPY (SELECT ...) TO STDOUT`, parsed from the text format.
+/// (WAL: readers never block the writer) stepping one prepared statement on a thread of its own,
+/// in batches the calling thread formats; on PostgreSQL `COPY (SELECT ...) TO STDOUT`, parsed
+/// from the text format.
 pub async fn stream_export_rows(db: &Db, f: &ExportFilter, mut each: impl FnMut(&[Cell]) -> Result<()>) -> Result<u64> {
     if f.account.as_deref().is_some_and(|a| a.contains('\0')) {
         anyhow::bail!("ACCOUNT: contains a NUL character");
@@ -284,7 +285,70 @@ pub async fn stream_export_rows(db: &Db, f: &ExportFilter, mut each: impl FnMut(
     }
 }
 
+/// Rows read but not yet written, their texts packed in one buffer: what the reader thread hands
+/// the writer, and gets back empty to fill again.
+#[derive(Default)]
+struct Batch {
+    texts: Vec<u8>,
+    cells: Vec<Packed>,
+    width: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Packed {
+    Null,
+    Int(i64),
+    Text(usize, usize),
+}
+
+const BATCH_ROWS: usize = 2048;
+
+/// On SQLite the export is two threads: this one formats and writes what a reader thread steps out
+/// of the database (the two halves cost about the same; one core each). The reader's own read
+/// transaction is the snapshot. Whichever side fails stops the other, and the export fails: a
+/// reader error or panic is returned even when every row it sent was written.
 fn sqlite_export_rows(path: &std::path::Path, select: &str, each: &mut impl FnMut(&[Cell]) -> Result<()>) -> Result<u64> {
+    use std::sync::mpsc;
+    let (full_tx, full_rx) = mpsc::sync_channel::<Batch>(2);
+    let (empty_tx, empty_rx) = mpsc::channel::<Batch>();
+    std::thread::scope(|s| {
+        let reader = s.spawn(move || read_export_batches(path, select, &full_tx, &empty_rx));
+        let mut n = 0;
+        let written = || -> Result<()> {
+            for batch in full_rx {
+                let mut cells = [Cell::Null; 32];
+                for row in batch.cells.chunks(batch.width) {
+                    for (cell, p) in cells.iter_mut().zip(row) {
+                        *cell = match *p {
+                            Packed::Null => Cell::Null,
+                            Packed::Int(v) => Cell::Int(v),
+                            Packed::Text(a, b) => {
+                                Cell::Text(std::str::from_utf8(&batch.texts[a..b]).context("a stored text is not UTF-8")?)
+                            }
+                        };
+                    }
+                    each(&cells[..batch.width])?;
+                    n += 1;
+                }
+                // the reader may have finished: then the batch is simply dropped
+                let _ = empty_tx.send(batch);
+            }
+            Ok(())
+        };
+        let wrote = written();
+        let read = reader.join().map_err(|_| anyhow::anyhow!("the ledger's reader thread panicked"))?;
+        wrote?;
+        read?;
+        Ok(n)
+    })
+}
+
+fn read_export_batches(
+    path: &std::path::Path,
+    select: &str,
+    full: &std::sync::mpsc::SyncSender<Batch>,
+    empty: &std::sync::mpsc::Receiver<Batch>,
+) -> Result<()> {
     use rusqlite::{types::ValueRef, OpenFlags};
     let conn = rusqlite::Connection::open_with_flags(
         path,
@@ -294,22 +358,40 @@ fn sqlite_export_rows(path: &std::path::Path, select: &str, each: &mut impl FnMu
     conn.busy_timeout(super::db::sqlite_busy_timeout())?;
     let mut stmt = conn.prepare(select)?;
     let width = stmt.column_count();
+    anyhow::ensure!(width <= 32, "the export reads {width} columns, more than 32");
     let mut rows = stmt.query([])?;
-    let mut n = 0;
+    let fresh = |empty: &std::sync::mpsc::Receiver<Batch>| {
+        let mut b = empty.try_recv().unwrap_or_default();
+        b.texts.clear();
+        b.cells.clear();
+        b.width = width;
+        b
+    };
+    let mut batch = fresh(empty);
     while let Some(r) = rows.next()? {
-        let mut cells = [Cell::Null; 32];
-        for (i, cell) in cells.iter_mut().enumerate().take(width) {
-            *cell = match r.get_ref(i)? {
-                ValueRef::Null => Cell::Null,
-                ValueRef::Integer(v) => Cell::Int(v),
-                ValueRef::Text(t) => Cell::Text(std::str::from_utf8(t).context("a stored text is not UTF-8")?),
+        for i in 0..width {
+            batch.cells.push(match r.get_ref(i)? {
+                ValueRef::Null => Packed::Null,
+                ValueRef::Integer(v) => Packed::Int(v),
+                ValueRef::Text(t) => {
+                    let a = batch.texts.len();
+                    batch.texts.extend_from_slice(t);
+                    Packed::Text(a, batch.texts.len())
+                }
                 other => anyhow::bail!("column {i} of the ledger holds {:?}", other.data_type()),
-            };
+            });
         }
-        each(&cells[..width])?;
-        n += 1;
+        if batch.cells.len() >= BATCH_ROWS * width {
+            if full.send(batch).is_err() {
+                return Ok(()); // the writer stopped; its error is the one reported
+            }
+            batch = fresh(empty);
+        }
     }
-    Ok(n)
+    if !batch.cells.is_empty() {
+        let _ = full.send(batch);
+    }
+    Ok(())
 }
 
 async fn pg_export_rows(conn: &mut sqlx::PgConnection, select: &str, each: &mut impl FnMut(&[Cell]) -> Result<()>) -> Result<u64> {
@@ -433,6 +515,59 @@ fn unescape_copy_text(field: &str, out: &mut String) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file of `n` rows (i, 'r<i>', NULL), the row at `bad` holding a blob instead of text.
+    fn rows_file(dir: &std::path::Path, n: i64, bad: Option<i64>) -> std::path::PathBuf {
+        let path = dir.join("rows.db");
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE t (i INTEGER, s TEXT, z TEXT); BEGIN").unwrap();
+        for i in 0..n {
+            if Some(i) == bad {
+                conn.execute("INSERT INTO t VALUES (?1, X'01', NULL)", [i]).unwrap();
+            } else {
+                conn.execute("INSERT INTO t VALUES (?1, 'r' || ?1 || '口', NULL)", [i]).unwrap();
+            }
+        }
+        conn.execute_batch("COMMIT").unwrap();
+        path
+    }
+
+    /// The two-thread SQLite reader: every row once, in order, texts intact across batches; a
+    /// reader failure after batches were written fails the export; a writer failure stops it.
+    #[test]
+    fn sqlite_export_reader_hands_over_every_row_or_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 3 * BATCH_ROWS as i64 + 7;
+        let path = rows_file(dir.path(), n, None);
+        let mut seen = 0i64;
+        let read = sqlite_export_rows(&path, "SELECT i, s, z FROM t ORDER BY i", &mut |c: &[Cell]| {
+            assert_eq!(c, [Cell::Int(seen), Cell::Text(&format!("r{seen}口")), Cell::Null]);
+            seen += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((read, seen), (n as u64, n));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = rows_file(dir.path(), n, Some(2 * BATCH_ROWS as i64 + 3));
+        let mut seen = 0;
+        let err = sqlite_export_rows(&path, "SELECT i, s, z FROM t ORDER BY i", &mut |_: &[Cell]| {
+            seen += 1;
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("column 1 of the ledger holds Blob"), "{err:#}");
+        assert!(seen >= BATCH_ROWS && seen <= 2 * BATCH_ROWS, "{seen}");
+
+        let mut seen = 0;
+        let err = sqlite_export_rows(&path, "SELECT i, s, z FROM t ORDER BY i", &mut |_: &[Cell]| {
+            seen += 1;
+            anyhow::ensure!(seen < 100, "disk full");
+            Ok(())
+        })
+        .unwrap_err();
+        assert_eq!((format!("{err:#}"), seen), ("disk full".to_string(), 100));
+    }
 
     #[test]
     fn copy_text_rows_are_decoded() {
