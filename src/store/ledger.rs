@@ -557,7 +557,7 @@ mod tests {
         })
         .unwrap_err();
         assert!(format!("{err:#}").contains("column 1 of the ledger holds Blob"), "{err:#}");
-        assert!(seen >= BATCH_ROWS && seen <= 2 * BATCH_ROWS, "{seen}");
+        assert!((BATCH_ROWS..=2 * BATCH_ROWS).contains(&seen), "{seen}");
 
         let mut seen = 0;
         let err = sqlite_export_rows(&path, "SELECT i, s, z FROM t ORDER BY i", &mut |_: &[Cell]| {
