@@ -688,10 +688,10 @@ mod tests {
             .unwrap();
         let n = 2 * rows_per_statement(3) + 503;
         let row = |i: usize| -> Vec<Val> {
-            let amount = (i % 7 != 0).then(|| Decimal::new(i as i64 * 101, 2));
+            let amount = (!i.is_multiple_of(7)).then(|| Decimal::new(i as i64 * 101, 2));
             vec![
                 format!("r{i:05}").into(),
-                Val::Int((i % 5 != 0).then_some(i as i64)),
+                Val::Int((!i.is_multiple_of(5)).then_some(i as i64)),
                 Val::Money(amount),
             ]
         };
@@ -738,7 +738,7 @@ mod tests {
             let want_n = if i % 2 == 0 && i < n {
                 Some(-1)
             } else {
-                (i % 5 != 0).then_some(i as i64)
+                (!i.is_multiple_of(5)).then_some(i as i64)
             };
             let want = vec![format!("r{i:05}").into(), Val::Int(want_n), row(i)[2].clone()];
             assert_eq!(r.0, want, "row {i}");
