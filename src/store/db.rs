@@ -172,129 +172,6 @@ fn read_sqlite(row: &SqliteRow, kinds: &[Kind]) -> Result<Row> {
     Ok(Row(out))
 }
 
-/// Reads a query's rows inside the transaction, on its own SQLite connection, with rusqlite.
-///
-/// sqlx copies every value of every row (`sqlite3_value_dup`, one allocation each) and hands rows
-/// across its worker thread; for the reads that take in a big batch (the daily run's hundreds of
-/// thousands of subscriptions) that was most of their cost. rusqlite steps the statement here
-/// and reads each cell in place. The placeholders are bound as sqlx binds them (`$N` is argument
-/// N, a bare `?` the next one).
-async fn sqlite_rows(conn: &mut sqlx::SqliteConnection, sql: &str, args: &[Val], kinds: &[Kind]) -> Result<Vec<Row>> {
-    let mut handle = conn.lock_handle().await?;
-    // SAFETY: the handle is sqlx's open connection, locked for this call: sqlx's worker runs
-    // nothing on it until `handle` drops, which is after the rusqlite view (which does not own
-    // the handle, so never closes it) and its statement are gone.
-    let view = unsafe { rusqlite::Connection::from_handle(handle.as_raw_handle().as_ptr()) }?;
-    let out = read_with_rusqlite(&view, sql, args, kinds);
-    drop(view);
-    drop(handle);
-    out
-}
-
-/// `values_statements` on SQLite: one prepared statement for every full chunk of rows, values
-/// bound in place with rusqlite on the transaction's own connection (sqlx built and compiled the
-/// 27,000-placeholder text again for each chunk and copied every value into its arguments:
-/// measured 10% of a 1M-line hour). Placeholders are plain `?`: SQLite looks a named `$N` up in a
-/// list of all earlier ones, quadratic in such a statement.
-fn values_with_rusqlite(conn: &rusqlite::Connection, head: &str, columns: usize, rows: &[Vec<Val>], tail: &str) -> Result<u64> {
-    let per = rows_per_statement(columns);
-    let text = |n: usize| {
-        let mut sql = String::with_capacity(head.len() + tail.len() + n * columns * 3);
-        sql.push_str(head);
-        for r in 0..n {
-            sql.push_str(if r == 0 { "(" } else { ", (" });
-            for c in 0..columns {
-                sql.push_str(if c == 0 { "?" } else { ", ?" });
-            }
-            sql.push(')');
-        }
-        sql.push_str(tail);
-        sql
-    };
-    let mut full: Option<rusqlite::Statement> = None;
-    let mut affected = 0;
-    for chunk in rows.chunks(per) {
-        let mut last;
-        let stmt = if chunk.len() == per {
-            if full.is_none() {
-                full = Some(conn.prepare(&text(per))?);
-            }
-            full.as_mut().expect("prepared above")
-        } else {
-            last = conn.prepare(&text(chunk.len()))?;
-            &mut last
-        };
-        let mut p = 1;
-        for row in chunk {
-            debug_assert_eq!(row.len(), columns);
-            for v in row {
-                match v {
-                    Val::Int(Some(v)) => stmt.raw_bind_parameter(p, v)?,
-                    Val::Text(Some(v)) => stmt.raw_bind_parameter(p, v)?,
-                    Val::Money(Some(d)) => stmt.raw_bind_parameter(p, d.to_string())?,
-                    Val::Int(None) | Val::Text(None) | Val::Money(None) => stmt.raw_bind_parameter(p, rusqlite::types::Null)?,
-                }
-                p += 1;
-            }
-        }
-        affected += stmt.raw_execute()? as u64;
-    }
-    Ok(affected)
-}
-
-fn read_with_rusqlite(conn: &rusqlite::Connection, sql: &str, args: &[Val], kinds: &[Kind]) -> Result<Vec<Row>> {
-    use rusqlite::types::{Null, ValueRef};
-    let mut stmt = conn.prepare(sql)?;
-    let mut next = 0;
-    for p in 1..=stmt.parameter_count() {
-        let n = match stmt.parameter_name(p) {
-            Some(name) => name[1..]
-                .parse::<usize>()
-                .with_context(|| format!("placeholder {name} is not numbered"))?,
-            None => {
-                next += 1;
-                next
-            }
-        };
-        let Some(a) = args.get(n - 1) else { break };
-        match a {
-            Val::Int(Some(v)) => stmt.raw_bind_parameter(p, v)?,
-            Val::Text(Some(v)) => stmt.raw_bind_parameter(p, v)?,
-            Val::Money(Some(d)) => stmt.raw_bind_parameter(p, d.to_string())?,
-            Val::Int(None) | Val::Text(None) | Val::Money(None) => stmt.raw_bind_parameter(p, Null)?,
-        }
-    }
-    let mut rows = stmt.raw_query();
-    let mut out = Vec::new();
-    while let Some(r) = rows.next()? {
-        let mut vals = Vec::with_capacity(kinds.len());
-        for (i, k) in kinds.iter().enumerate() {
-            let v = r.get_ref(i)?;
-            vals.push(match (k, v) {
-                (Kind::Int, ValueRef::Null) => Val::Int(None),
-                (Kind::Int, ValueRef::Integer(v)) => Val::Int(Some(v)),
-                (Kind::Text, ValueRef::Null) => Val::Text(None),
-                (Kind::Text, ValueRef::Text(t)) => {
-                    Val::Text(Some(std::str::from_utf8(t).context("a stored text is not UTF-8")?.to_string()))
-                }
-                (Kind::Money, ValueRef::Null) => Val::Money(None),
-                (Kind::Money, ValueRef::Text(t)) => {
-                    let s = std::str::from_utf8(t).context("a stored amount is not UTF-8")?;
-                    Val::Money(Some(
-                        Decimal::from_str(s)
-                            .or_else(|_| Decimal::from_scientific(s))
-                            .with_context(|| format!("column {i}: `{s}` is not a decimal"))?,
-                    ))
-                }
-                (Kind::Money, ValueRef::Integer(v)) => Val::Money(Some(Decimal::from(v))),
-                (k, v) => bail!("column {i}: expected {k:?}, the database holds {:?}", v.data_type()),
-            });
-        }
-        out.push(Row(vals));
-    }
-    Ok(out)
-}
-
 fn read_pg(row: &PgRow, kinds: &[Kind]) -> Result<Row> {
     let mut out = Vec::with_capacity(kinds.len());
     for (i, k) in kinds.iter().enumerate() {
@@ -475,7 +352,12 @@ impl Tx {
 
     pub async fn rows(&mut self, sql: impl SqlSafeStr, args: Vec<Val>, kinds: &[Kind]) -> Result<Vec<Row>> {
         match self {
-            Tx::Sqlite(t) => sqlite_rows(t, sql.into_sql_str().as_str(), &args, kinds).await,
+            Tx::Sqlite(t) => bind_sqlite(sqlx::query(sql), args)
+                .fetch_all(&mut **t)
+                .await?
+                .iter()
+                .map(|r| read_sqlite(r, kinds))
+                .collect(),
             Tx::Postgres(t) => bind_pg(sqlx::query(sql), args)
                 .fetch_all(&mut **t)
                 .await?
@@ -508,18 +390,10 @@ impl Tx {
     /// Runs `head (..), (..) tail` for each chunk of rows: a multi-row INSERT, or a
     /// `WITH v(cols) AS (VALUES ..) UPDATE .. FROM v` that sets many rows in one statement.
     ///
-    /// On PostgreSQL the next statement is built while the server runs the current one. On SQLite
-    /// the rows are bound in place into one prepared statement (`values_with_rusqlite`).
+    /// The next statement is built (text, and on SQLite amounts as text) while the database runs
+    /// the current one: sqlx executes on its own thread, so building no longer waits for it.
     pub async fn values_statements(&mut self, head: &str, columns: usize, rows: Vec<Vec<Val>>, tail: &str) -> Result<u64> {
-        if let Tx::Sqlite(t) = self {
-            let mut handle = t.lock_handle().await?;
-            // SAFETY: as in `sqlite_rows`: sqlx's handle, locked until after the view is gone
-            let view = unsafe { rusqlite::Connection::from_handle(handle.as_raw_handle().as_ptr()) }?;
-            let out = values_with_rusqlite(&view, head, columns, &rows, tail);
-            drop(view);
-            drop(handle);
-            return out;
-        }
+        let sqlite = self.backend() == Backend::Sqlite;
         let per = rows_per_statement(columns);
         let build = |chunk: Vec<Vec<Val>>| -> (String, Vec<Val>) {
             let mut sql = String::with_capacity(head.len() + tail.len() + chunk.len() * columns * 7);
@@ -532,11 +406,25 @@ impl Tx {
                     if c > 0 {
                         sql.push_str(", ");
                     }
-                    sql.push('$');
-                    sql.push_str(&(r * columns + c + 1).to_string());
+                    // SQLite looks a named `$N` up in a list of all earlier ones (quadratic in a
+                    // 27,000-value statement); a plain `?` is O(1), and numbering is positional
+                    if sqlite {
+                        sql.push('?');
+                    } else {
+                        sql.push('$');
+                        sql.push_str(&(r * columns + c + 1).to_string());
+                    }
                 }
                 sql.push(')');
-                args.extend(row);
+                if sqlite {
+                    // what bind_sqlite would do at bind time, done here where it overlaps
+                    args.extend(row.into_iter().map(|v| match v {
+                        Val::Money(d) => Val::Text(d.map(|d| d.to_string())),
+                        v => v,
+                    }));
+                } else {
+                    args.extend(row);
+                }
             }
             sql.push_str(tail);
             (sql, args)
@@ -613,9 +501,8 @@ mod tests {
         );
     }
 
-    /// Reads inside a SQLite transaction go through rusqlite on sqlx's handle: placeholders bind
-    /// as sqlx binds them, every kind reads back exactly, a wrong kind names the column, and the
-    /// connection goes on working for sqlx afterwards (same transaction, then committed).
+    /// Reads inside a SQLite transaction: `$N` placeholders bind argument N (in any order, used
+    /// twice), bare `?` the next one; every kind reads back exactly; a wrong kind names the column.
     #[tokio::test]
     async fn sqlite_reads_in_a_transaction() {
         let dir = tempfile::tempdir().unwrap();
