@@ -30,6 +30,26 @@ pub const DAILY_JOB: &str = "daily";
 /// Days before expiry a prepaid package's alert is sent.
 const PACKAGE_ALERT_DAYS: &[i64] = &[7];
 
+const SUB_COLUMNS: &[&str] = &[
+    "id",
+    "account_id",
+    "plan_id",
+    "mode",
+    "quantity",
+    "created_at",
+    "anchor_date",
+    "months_paid",
+    "auto_renew",
+    "auto_renew_times",
+    "renewals_done",
+    "renew_days_before",
+    "ppu_from",
+    "ppu_at_expiry",
+    "released_at",
+    "package",
+    "serves",
+    "parts",
+];
 const SUB_KINDS: &[Kind] = &[
     Kind::Text,
     Kind::Text,
@@ -117,14 +137,12 @@ async fn subscriptions(
         }
         None => String::new(),
     };
-    let sql = format!(
-        "SELECT id, account_id, plan_id, mode, quantity, created_at, anchor_date, months_paid, auto_renew, auto_renew_times, \
-         renewals_done, renew_days_before, ppu_from, ppu_at_expiry, released_at, package, serves, parts FROM resources \
-         WHERE mode <> 'pay_per_use' AND ($1 = '' OR id = $1) AND (released_at IS NULL OR released_at > $2) \
+    let rest = format!(
+        "FROM resources WHERE mode <> 'pay_per_use' AND ($1 = '' OR id = $1) AND (released_at IS NULL OR released_at > $2) \
          AND ($3 = '' OR (account_id >= $3 AND account_id <= $4)){due} ORDER BY account_id, id"
     );
     // only constant SQL and numbered placeholders are in the text
-    let rows = tx.rows(sqlx::AssertSqlSafe(sql), args, SUB_KINDS).await?;
+    let rows = tx.rows_packed(SUB_COLUMNS, &rest, args, SUB_KINDS).await?;
     rows.iter().map(sub_of).collect()
 }
 
