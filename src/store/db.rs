@@ -556,14 +556,20 @@ mod tests {
         );
     }
 
-    /// Reads inside a SQLite transaction: `$N` placeholders bind argument N (in any order, used
-    /// twice), bare `?` the next one; every kind reads back exactly; a wrong kind names the column.
-    #[tokio::test]
-    async fn sqlite_reads_in_a_transaction() {
+    /// A new SQLite database in a directory that lives as long as the first value.
+    async fn temp_sqlite() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
             .await
             .unwrap();
+        (dir, db)
+    }
+
+    /// Reads inside a SQLite transaction: `$N` placeholders bind argument N (in any order, used
+    /// twice), bare `?` the next one; every kind reads back exactly; a wrong kind names the column.
+    #[tokio::test]
+    async fn sqlite_reads_in_a_transaction() {
+        let (_dir, db) = temp_sqlite().await;
         let mut tx = db.begin().await.unwrap();
         tx.exec("CREATE TABLE t (id TEXT, n INTEGER, amount TEXT)", vec![]).await.unwrap();
         tx.exec(
@@ -620,10 +626,7 @@ mod tests {
     /// the rows affected (an insert that skips conflicts, an update from VALUES).
     #[tokio::test]
     async fn sqlite_values_statements_write_every_row() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
-            .await
-            .unwrap();
+        let (_dir, db) = temp_sqlite().await;
         let mut tx = db.begin().await.unwrap();
         tx.exec("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER, amount TEXT)", vec![])
             .await
@@ -691,10 +694,7 @@ mod tests {
     /// numbers stay texts, NULLs stay NULL, integers and amounts exact.
     #[tokio::test]
     async fn sqlite_packed_rows_equal_plain_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
-            .await
-            .unwrap();
+        let (_dir, db) = temp_sqlite().await;
         let mut tx = db.begin().await.unwrap();
         tx.exec("CREATE TABLE t (id TEXT, n INTEGER, amount TEXT, doc TEXT)", vec![])
             .await
