@@ -403,23 +403,21 @@ impl Tx {
     /// decoded here by `kinds`. PostgreSQL reads the columns as they are.
     pub async fn rows_packed(&mut self, columns: &[&str], rest: &str, args: Vec<Val>, kinds: &[Kind]) -> Result<Vec<Row>> {
         debug_assert_eq!(columns.len(), kinds.len());
-        match self {
-            Tx::Sqlite(t) => {
-                let sql = format!("SELECT json_array({}) {rest}", columns.join(", "));
-                // identifiers and numbered placeholders from this crate only
-                let packed: Vec<String> = bind_sqlite(sqlx::query(AssertSqlSafe(sql)), args)
-                    .fetch_all(&mut **t)
-                    .await?
-                    .iter()
-                    .map(|r| r.try_get(0))
-                    .collect::<Result<_, _>>()?;
-                packed.iter().map(|p| unpack_row(p, kinds)).collect()
-            }
-            Tx::Postgres(_) => {
-                let sql = format!("SELECT {} {rest}", columns.join(", "));
-                self.rows(AssertSqlSafe(sql), args, kinds).await
-            }
+        let list = columns.join(", ");
+        // identifiers and numbered placeholders from this crate only
+        if self.backend() == Backend::Postgres {
+            return self.rows(AssertSqlSafe(format!("SELECT {list} {rest}")), args, kinds).await;
         }
+        let packed = self
+            .rows(AssertSqlSafe(format!("SELECT json_array({list}) {rest}")), args, &[Kind::Text])
+            .await?;
+        packed
+            .iter()
+            .map(|r| match &r.0[0] {
+                Val::Text(Some(p)) => unpack_row(p, kinds),
+                other => bail!("json_array gave {other:?}"),
+            })
+            .collect()
     }
 
     /// Runs several statements without arguments (migrations).
