@@ -173,6 +173,13 @@ async fn runs_in(url: &str, outcome: &str) -> i64 {
     n
 }
 
+fn still_running(child: &std::process::Child) -> bool {
+    // signal 0 checks that the process exists; a zombie (exited, not yet waited for) does too,
+    // so look at its state
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap_or_default();
+    !stat.is_empty() && !stat.contains(") Z ")
+}
+
 fn signal(child: &std::process::Child, sig: &str) {
     assert!(Command::new("kill")
         .args([sig, &child.id().to_string()])
@@ -225,35 +232,117 @@ async fn a_paused_replica_is_taken_over_and_writes_nothing() {
     if common::pg_url().is_none() {
         return;
     }
+    paused_replica_writes_nothing(Pause::HoldingARun).await;
+}
+
+/// The same with the replica paused in the middle of a COPY that posts ledger lines: the server
+/// waits for the rest of the data while the transaction holds the accounts' row locks, so what ends
+/// it is the COPY's statement timeout (the idle-in-transaction timeout does not apply to an active
+/// statement). Without that timeout the other replica waited on those locks for good.
+#[tokio::test]
+async fn a_replica_paused_inside_a_copy_is_taken_over_and_writes_nothing() {
+    if common::pg_url().is_none() {
+        return;
+    }
+    paused_replica_writes_nothing(Pause::InsideACopy).await;
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Pause {
+    HoldingARun,
+    InsideACopy,
+}
+
+/// Sessions of this database stopped inside `COPY ledger ... FROM STDIN`, waiting for the client.
+async fn sessions_waiting_inside_a_copy(url: &str) -> i64 {
+    let db = billrun::store::db::Db::connect(url).await.unwrap();
+    let n = db
+        .rows(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' \
+             AND query LIKE 'COPY ledger%' AND wait_event = 'ClientRead'",
+            vec![],
+            &[billrun::store::db::Kind::Int],
+        )
+        .await
+        .map(|r| r[0].int(0))
+        .unwrap_or(0);
+    db.close().await;
+    n
+}
+
+/// Polls until the replica is caught in the moment `pause` names, stops it (SIGSTOP) and checks
+/// it still is; false if it finished first.
+async fn stopped_while(url: &str, replica: &std::process::Child, pause: Pause) -> bool {
+    let caught = || async {
+        match pause {
+            Pause::HoldingARun => runs_in(url, "running").await > 0,
+            Pause::InsideACopy => sessions_waiting_inside_a_copy(url).await > 0,
+        }
+    };
+    while still_running(replica) {
+        if caught().await {
+            signal(replica, "-STOP");
+            // a COPY whose data the client had all sent would end by itself meanwhile
+            if pause == Pause::InsideACopy {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            if caught().await {
+                return true;
+            }
+            signal(replica, "-CONT");
+        }
+        if pause == Pause::HoldingARun {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    false
+}
+
+async fn paused_replica_writes_nothing(pause: Pause) {
     let dir = tempfile::tempdir().unwrap();
     let doc = dir.path().join("world.json");
     std::fs::write(&doc, world(200, 4000)).unwrap();
     let now = "2023-11-15T08:00:00Z";
     let (_calm, expected, duration) = undisturbed("postgres", &doc, now).await;
 
-    let be = common::fresh("postgres").await;
-    assert!(billrun(&be.url).arg("load").arg(&doc).status().unwrap().success());
-    let paused = billrun(&be.url)
+    // stop it while it holds a claim (or is inside a COPY); a replica that finished before it was
+    // caught is tried again on a fresh database
+    let mut catch_ups = 0;
+    let (be, paused) = loop {
+        catch_ups += 1;
+        assert!(catch_ups <= 8, "the replica was never caught in {} catch-ups", catch_ups - 1);
+        let be = common::fresh("postgres").await;
+        assert!(billrun(&be.url).arg("load").arg(&doc).status().unwrap().success());
+        let paused = billrun(&be.url)
+            .args(["tick", "--now", now])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if stopped_while(&be.url, &paused, pause).await {
+            break (be, paused);
+        }
+        let _ = paused.wait_with_output();
+    };
+    // another replica waits out the 3 s lease, takes the run over and finishes the catch-up
+    // (bounded: if it waited on the paused replica's locks for good, the test fails, not hangs)
+    let other = billrun(&be.url)
         .args(["tick", "--now", now])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // stop it while it holds a claim: poll for a running row, stop, and check it is still there
-    let deadline = std::time::Instant::now() + duration * 20;
-    loop {
-        assert!(std::time::Instant::now() < deadline, "the replica never held a run");
-        if runs_in(&be.url, "running").await > 0 {
-            signal(&paused, "-STOP");
-            if runs_in(&be.url, "running").await > 0 {
-                break;
-            }
-            signal(&paused, "-CONT");
+    let limit = std::time::Duration::from_secs(60) + duration * 5;
+    let give_up = std::time::Instant::now() + limit;
+    while still_running(&other) {
+        if std::time::Instant::now() > give_up {
+            signal(&other, "-KILL");
+            signal(&paused, "-KILL");
+            panic!("the replica taking over was still waiting after {limit:?}: the paused replica's locks were never released");
         }
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    // another replica waits out the 3 s lease, takes the run over and finishes the catch-up
-    let other = billrun(&be.url).args(["tick", "--now", now]).output().unwrap();
+    let other = other.wait_with_output().unwrap();
     assert!(other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
     let after_takeover = String::from_utf8(billrun(&be.url).arg("export").output().unwrap().stdout).unwrap();
     assert_eq!(after_takeover, expected);
@@ -274,7 +363,7 @@ async fn a_paused_replica_is_taken_over_and_writes_nothing() {
     db.close().await;
     assert!(attempts >= 2, "a run was taken over from the paused replica");
     eprintln!(
-        "paused replica: exit {:?}; {}",
+        "paused replica (caught in catch-up {catch_ups}): exit {:?}; {}",
         out.status.code(),
         stderr.lines().last().unwrap_or("")
     );

@@ -361,7 +361,7 @@ async fn ledger_migration_keeps_every_row() {
                     FROM ledger ORDER BY seq";
         let kinds = [Kind::Int, Kind::Text, Kind::Int, Kind::Money, Kind::Money, Kind::Money, Kind::Money, Kind::Text, Kind::Int, Kind::Text];
         let before: Vec<String> = db.rows(dump, vec![], &kinds).await.unwrap().iter().map(|r| format!("{:?}", r.0)).collect();
-        assert_eq!(migrate(&db).await.unwrap(), 7, "{}", be.name);
+        assert_eq!(migrate(&db).await.unwrap(), 8, "{}", be.name);
         let after: Vec<String> = db.rows(dump, vec![], &kinds).await.unwrap().iter().map(|r| format!("{:?}", r.0)).collect();
         assert_eq!(before, after, "{}", be.name);
         assert!(after[2].contains("Int(Some(4))") && after[1].contains("-0.06"), "{after:?}");

@@ -143,17 +143,11 @@ const COPY_FROM_LINES: usize = 32;
 /// commits or rolls back with the balances like the INSERTs do, and a duplicate id still fails
 /// the whole transaction.
 ///
-/// A COPY waiting for data is an active statement, not an idle transaction, so the lease-long
-/// `idle_in_transaction_session_timeout` would not end it if this process were paused mid-COPY
-/// (found: a SIGSTOPped replica held its accounts' locks and the replica taking over waited for
-/// ever). The COPY therefore runs under a statement timeout of that same length, restored after.
+/// A COPY waiting for data is an active statement that no server timeout ends while the client
+/// sends nothing (a statement timeout is not acted on while the server waits on the client), so
+/// a runner paused mid-COPY would hold its accounts' row locks for as long as it stays paused. The
+/// runner that takes its run over ends that session (`runs::claim`).
 async fn copy_lines(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>, lines: &[&LedgerLine]) -> Result<u64> {
-    let previous: String = sqlx::query_scalar("SELECT current_setting('statement_timeout')")
-        .fetch_one(&mut **tx)
-        .await?;
-    sqlx::query("SELECT set_config('statement_timeout', current_setting('idle_in_transaction_session_timeout'), true)")
-        .execute(&mut **tx)
-        .await?;
     let sql = format!("COPY ledger ({}) FROM STDIN", line_columns().join(", "));
     let mut copy = tx.copy_in_raw(&sql).await?;
     let mut buf = String::with_capacity(4 << 20);
@@ -172,12 +166,7 @@ async fn copy_lines(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>, lines: 
     if !buf.is_empty() {
         copy.send(buf.into_bytes()).await?;
     }
-    let n = copy.finish().await?;
-    sqlx::query("SELECT set_config('statement_timeout', $1, true)")
-        .bind(previous)
-        .execute(&mut **tx)
-        .await?;
-    Ok(n)
+    Ok(copy.finish().await?)
 }
 
 /// One value in COPY's text format: `\N` for NULL; backslash, tab, newline and carriage return

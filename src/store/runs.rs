@@ -4,7 +4,7 @@
 //! checks (owner, attempt) before committing. So a run is done once; a runner that died is taken
 //! over when its lease expires; a runner that was paused past its lease writes nothing.
 
-use super::db::{Db, Kind, Tx};
+use super::db::{Backend, Db, Kind, Tx};
 use crate::clock;
 use anyhow::{bail, Result};
 use rust_decimal::Decimal;
@@ -66,11 +66,25 @@ pub async fn claim(db: &Db, job: &str, at: i64, lease_seconds: i64) -> Result<Cl
     let owner = owner_id();
     let now = clock::wall_now();
     let mut tx = db.begin().await?;
+    // the session of the runner this claim may take over (PostgreSQL), read under the row's lock
+    // so that it is the one the upsert replaces
+    let previous = match tx.backend() {
+        Backend::Postgres => tx
+            .rows(
+                "SELECT holder_pid, holder_start FROM job_runs WHERE job = $1 AND scheduled_at = $2 FOR UPDATE",
+                vec![job.into(), at.into()],
+                &[Kind::Int, Kind::Int],
+            )
+            .await?
+            .first()
+            .and_then(|r| Some((r.opt_int(0)?, r.opt_int(1)?))),
+        Backend::Sqlite => None,
+    };
     let rows = tx
         .rows(
             "INSERT INTO job_runs (job, scheduled_at, outcome, owner, lease_until, started_at, attempt) VALUES ($1, $2, 'running', $3, $4, $5, 1) \
              ON CONFLICT (job, scheduled_at) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until, \
-             started_at = excluded.started_at, attempt = job_runs.attempt + 1 \
+             started_at = excluded.started_at, attempt = job_runs.attempt + 1, holder_pid = NULL, holder_start = NULL \
              WHERE job_runs.outcome NOT IN ('ok', 'chunked') AND (job_runs.lease_until IS NULL OR job_runs.lease_until < excluded.started_at) \
              RETURNING attempt",
             vec![job.into(), at.into(), owner.into(), (now + lease_seconds).into(), now.into()],
@@ -110,7 +124,61 @@ pub async fn claim(db: &Db, job: &str, at: i64, lease_seconds: i64) -> Result<Cl
         }
     };
     tx.commit().await?;
+    if let (ClaimResult::Claimed(c), Some((pid, start))) = (&result, previous) {
+        end_stale_session(db, c, pid, start).await;
+    }
     Ok(result)
+}
+
+/// Ends the database session of the runner a run was just taken over from, if it is still there
+/// (same pid, same start). That runner stopped renewing its lease, and its transaction can no
+/// longer commit (fencing), but while it stays open its row locks stay held. The server ends an
+/// idle transaction by itself after the lease (`idle_in_transaction_session_timeout`), yet not
+/// one waiting for the rest of a COPY or of a statement from a paused client: only this does.
+/// Best effort: without the right to end it (another role) the new holder waits as before.
+async fn end_stale_session(db: &Db, c: &Claim, pid: i64, start: i64) {
+    let ended = db
+        .rows(
+            "SELECT CASE WHEN pg_terminate_backend(pid) THEN 1 ELSE 0 END FROM pg_stat_activity \
+             WHERE pid = $1 AND (EXTRACT(EPOCH FROM backend_start) * 1000000)::BIGINT = $2",
+            vec![pid.into(), start.into()],
+            &[Kind::Int],
+        )
+        .await;
+    match ended {
+        Ok(r) if r.first().is_some_and(|r| r.int(0) == 1) => {
+            tracing::warn!(job = %c.job, run = c.at, pid, "ended the database session of the runner this run was taken over from")
+        }
+        Ok(_) => tracing::debug!(job = %c.job, run = c.at, pid, "the previous runner's database session was already gone"),
+        Err(e) => {
+            tracing::warn!(job = %c.job, run = c.at, pid, error = %format!("{e:#}"), "could not end the previous runner's database session")
+        }
+    }
+}
+
+/// Begins the transaction that does a claimed run's work. On PostgreSQL it first records this
+/// transaction's session with the claim (committed at once, on another connection), so that a
+/// runner taking the run over can end it.
+pub(crate) async fn begin_work(db: &Db, c: &Claim) -> Result<Tx> {
+    let mut tx = db.begin().await?;
+    if tx.backend() == Backend::Postgres {
+        let me = tx
+            .rows(
+                "SELECT pid::BIGINT, (EXTRACT(EPOCH FROM backend_start) * 1000000)::BIGINT FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                vec![],
+                &[Kind::Int, Kind::Int],
+            )
+            .await?;
+        if let Some(r) = me.first() {
+            db.exec(
+                "UPDATE job_runs SET holder_pid = $5, holder_start = $6 \
+                 WHERE job = $1 AND scheduled_at = $2 AND owner = $3 AND attempt = $4 AND outcome = 'running'",
+                [c.key(), vec![r.int(0).into(), r.int(1).into()]].concat(),
+            )
+            .await?;
+        }
+    }
+    Ok(tx)
 }
 
 /// Opens a claimed run to every runner with its plan, in the caller's transaction, only while

@@ -13,6 +13,7 @@ const SQLITE: &[(i64, &str)] = &[
     (5, include_str!("../../sql/sqlite/0005_chunks.sql")),
     (6, include_str!("../../sql/sqlite/0006_packages.sql")),
     (7, include_str!("../../sql/sqlite/0007_ledger_keys.sql")),
+    (8, include_str!("../../sql/sqlite/0008_holders.sql")),
 ];
 const POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../sql/postgres/0001_foundation.sql")),
@@ -22,6 +23,7 @@ const POSTGRES: &[(i64, &str)] = &[
     (5, include_str!("../../sql/postgres/0005_chunks.sql")),
     (6, include_str!("../../sql/postgres/0006_packages.sql")),
     (7, include_str!("../../sql/postgres/0007_ledger_keys.sql")),
+    (8, include_str!("../../sql/postgres/0008_holders.sql")),
 ];
 
 /// Brings the schema up to date. Concurrent starts are serialised by a lock on `meta`.

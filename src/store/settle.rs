@@ -264,7 +264,7 @@ async fn plan_of(tx: &mut Tx, run: &SettleRun, chunk_resources: usize) -> Result
 /// the claim holds). Loads wait for this transaction, so every load either commits before the run
 /// reads anything or sees the new horizon and marks its hours for re-settlement.
 async fn prepare(db: &Db, zone: &BillingZone, run: &SettleRun, claim: &Claim, chunk_resources: usize) -> Result<SettlePlan> {
-    let mut tx = db.begin().await?;
+    let mut tx = runs::begin_work(db, claim).await?;
     lock_horizon(&mut tx, true).await?;
     let plan = plan_of(&mut tx, run, chunk_resources).await?;
     if let (true, Some(&last)) = (run.scheduled, run.hours.iter().max()) {
@@ -334,7 +334,10 @@ async fn settle_chunk(
     k: usize,
     claim: Option<&Claim>,
 ) -> Result<ChunkOutcome> {
-    let mut tx = db.begin().await?;
+    let mut tx = match claim {
+        Some(c) => runs::begin_work(db, c).await?,
+        None => db.begin().await?,
+    };
     let range = plan.range(k);
     let plans = all_plans(&mut tx).await?;
     let periods = arrears_periods(&mut tx).await?;

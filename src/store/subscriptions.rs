@@ -268,7 +268,7 @@ fn transition_kind(s: State) -> Option<&'static str> {
 /// expiry alerts, in one transaction that commits only while the caller holds the run's claim.
 pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<DailyOutcome> {
     let at = claim.at;
-    let mut tx = db.begin().await?;
+    let mut tx = runs::begin_work(db, claim).await?;
     let mut out = DailyOutcome::default();
     let plans = all_plans(&mut tx).await?;
     // the balances it may move, locked in id order on PostgreSQL until it commits
