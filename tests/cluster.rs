@@ -542,3 +542,53 @@ async fn a_daemon_back_from_30_hours_down_catches_up_in_order() {
         );
     }
 }
+
+/// A load stuck while it holds the settlement plan lock (here: a session holding it the way a load
+/// does): planning waits for it rather than fail, but says so every 10 s, naming the session; once
+/// it is gone the run goes on and bills as if nothing happened.
+#[tokio::test]
+async fn planning_waits_for_a_stuck_load_and_says_so() {
+    if common::pg_url().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("world.json");
+    std::fs::write(&doc, world(20, 100)).unwrap();
+    let now = "2023-11-15T08:00:00Z";
+    let (_calm, expected, _) = undisturbed("postgres", &doc, now).await;
+    let be = common::fresh("postgres").await;
+    assert!(billrun(&be.url).arg("load").arg(&doc).status().unwrap().success());
+    let holder = billrun::store::db::Db::connect(&be.url).await.unwrap();
+    let mut tx = holder.begin().await.unwrap();
+    use billrun::store::db::Kind;
+    let pid = tx.rows("SELECT pg_backend_pid()::BIGINT", vec![], &[Kind::Int]).await.unwrap()[0].int(0);
+    tx.rows(
+        "SELECT value FROM meta WHERE key = 'settle_plan_lock' FOR SHARE",
+        vec![],
+        &[Kind::Text],
+    )
+    .await
+    .unwrap();
+    // the lease is 3 s: the planner keeps its claim while it waits
+    let tick = billrun(&be.url)
+        .args(["tick", "--now", now])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    assert!(still_running(&tick), "the run waited for the lock");
+    assert_eq!(runs_in(&be.url, "ok").await, 0, "nothing was settled meanwhile");
+    tx.rollback().await.unwrap();
+    holder.close().await;
+    let out = tick.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("waits for the settlement plan lock"))
+        .unwrap_or_else(|| panic!("no warning while waiting: {stderr}"));
+    assert!(warning.contains(&format!("pid {pid} (billrun, idle in transaction")), "{warning}");
+    let export = String::from_utf8(billrun(&be.url).arg("export").output().unwrap().stdout).unwrap();
+    assert_eq!(export, expected);
+}

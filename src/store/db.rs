@@ -112,6 +112,15 @@ pub enum Tx {
 }
 
 /// The URL with any password replaced, for logs and errors.
+/// The SQLSTATE of a database error somewhere in the chain, if there is one.
+pub fn sqlstate(e: &anyhow::Error) -> Option<String> {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<sqlx::Error>())
+        .and_then(|e| e.as_database_error())
+        .and_then(|d| d.code())
+        .map(|c| c.into_owned())
+}
+
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
@@ -255,6 +264,7 @@ impl Db {
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let opts = PgConnectOptions::from_str(url)
                 .map_err(|e| anyhow!("database URL {shown}: {}", strip_secret(&e.to_string(), url)))?
+                .application_name("billrun")
                 .options([("idle_in_transaction_session_timeout", format!("{}s", lease_seconds.max(1)))]);
             // one direct attempt first, so an unreachable server fails at once with its reason
             let probe = sqlx::postgres::PgConnection::connect_with(&opts)

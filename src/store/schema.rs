@@ -42,17 +42,24 @@ pub async fn migrate_to(db: &Db, target: i64) -> Result<i64> {
         vec![],
     )
     .await?;
+    // up to date: nothing to lock (the lock below would wait for every running load, which
+    // holds a row of `meta`, so no command could start during a load)
+    let wanted = steps.iter().map(|(v, _)| *v).filter(|v| *v <= target).max().unwrap_or(0);
+    let stored = schema_version(
+        &db.rows("SELECT value FROM meta WHERE key = 'schema_version'", vec![], &[Kind::Text])
+            .await?,
+    )?;
+    if stored >= wanted {
+        return Ok(stored);
+    }
     let mut tx = db.begin().await?;
     if tx.backend() == Backend::Postgres {
         tx.exec("LOCK TABLE meta IN EXCLUSIVE MODE", vec![]).await?;
     }
-    let current = tx
-        .rows("SELECT value FROM meta WHERE key = 'schema_version'", vec![], &[Kind::Text])
-        .await?
-        .first()
-        .map(|r| r.text(0).parse::<i64>())
-        .transpose()?
-        .unwrap_or(0);
+    let current = schema_version(
+        &tx.rows("SELECT value FROM meta WHERE key = 'schema_version'", vec![], &[Kind::Text])
+            .await?,
+    )?;
     let mut version = current;
     for (v, sql) in steps {
         if *v > version && *v <= target {
@@ -69,6 +76,10 @@ pub async fn migrate_to(db: &Db, target: i64) -> Result<i64> {
     }
     tx.commit().await?;
     Ok(version)
+}
+
+fn schema_version(rows: &[super::db::Row]) -> Result<i64> {
+    Ok(rows.first().map(|r| r.text(0).parse::<i64>()).transpose()?.unwrap_or(0))
 }
 
 /// The billing zone of this database: stored on first use; naming another one later is refused.

@@ -132,16 +132,22 @@ pub async fn run(db: &Db, zone: &BillingZone, run: &SettleRun, limits: Limits) -
         return dry_run(db, zone, run, limits).await;
     }
     let plan = match runs::claim(db, &run.job, run.at, limits.lease_seconds).await? {
-        ClaimResult::Claimed(c) => match prepare(db, zone, run, &c, limits.chunk_resources).await {
-            Ok(plan) => plan,
-            Err(e) => {
-                // give the run back at once rather than make the others wait out the lease
-                if let Err(release_error) = runs::release(db, &c).await {
-                    tracing::warn!(error = %format!("{release_error:#}"), "could not release the claim of a run that failed to plan");
+        ClaimResult::Claimed(c) => {
+            // planning may wait for a load: keep the claim meanwhile
+            let keeper = (db.backend() == Backend::Postgres).then(|| LeaseKeeper::start(db, &c, limits.lease_seconds));
+            let planned = prepare(db, zone, run, &c, limits.chunk_resources).await;
+            drop(keeper);
+            match planned {
+                Ok(plan) => plan,
+                Err(e) => {
+                    // give the run back at once rather than make the others wait out the lease
+                    if let Err(release_error) = runs::release(db, &c).await {
+                        tracing::warn!(error = %format!("{release_error:#}"), "could not release the claim of a run that failed to plan");
+                    }
+                    return Err(e.context("planning the run"));
                 }
-                return Err(e.context("planning the run"));
             }
-        },
+        }
         ClaimResult::Open(detail) => serde_json::from_str(&detail).with_context(|| format!("the stored plan of {}@{}", run.job, run.at))?,
         ClaimResult::Done => {
             return Ok(Progress::Done(SettleOutcome {
@@ -278,17 +284,89 @@ async fn prepare(db: &Db, zone: &BillingZone, run: &SettleRun, claim: &Claim, ch
 
 /// Serialises planning with loads on PostgreSQL (SQLite writers are serialised already): planning
 /// takes the lock exclusively, loads share it.
+///
+/// Planning waits for loads as long as they take, but not silently: every
+/// `PLAN_LOCK_WARN_SECONDS` it logs a warning naming the sessions with a transaction open since
+/// before its own began (a load stopped in the middle of a statement holds the lock until its
+/// process goes on or dies, and no server timeout ends that).
 pub(crate) async fn lock_horizon(tx: &mut Tx, exclusive: bool) -> Result<()> {
-    if tx.backend() == Backend::Postgres {
-        let sql = if exclusive {
-            "SELECT value FROM meta WHERE key = 'settle_plan_lock' FOR UPDATE"
-        } else {
-            "SELECT value FROM meta WHERE key = 'settle_plan_lock' FOR SHARE"
-        };
-        tx.rows(sql, vec![], &[Kind::Text]).await?;
+    if tx.backend() != Backend::Postgres {
+        return Ok(());
     }
+    if !exclusive {
+        tx.rows(
+            "SELECT value FROM meta WHERE key = 'settle_plan_lock' FOR SHARE",
+            vec![],
+            &[Kind::Text],
+        )
+        .await?;
+        return Ok(());
+    }
+    let previous = tx.rows("SELECT current_setting('lock_timeout')", vec![], &[Kind::Text]).await?[0].text(0);
+    tx.exec(
+        sqlx::AssertSqlSafe(format!("SET LOCAL lock_timeout = '{PLAN_LOCK_WARN_SECONDS}s'")),
+        vec![],
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    loop {
+        tx.exec("SAVEPOINT plan_lock", vec![]).await?;
+        match tx
+            .rows(
+                "SELECT value FROM meta WHERE key = 'settle_plan_lock' FOR UPDATE",
+                vec![],
+                &[Kind::Text],
+            )
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if super::db::sqlstate(&e).as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+                tx.exec("ROLLBACK TO SAVEPOINT plan_lock", vec![]).await?;
+                let waited = started.elapsed().as_secs() as i64;
+                let holders: Vec<String> = tx
+                    .rows(
+                        "SELECT pid::BIGINT, COALESCE(application_name, ''), COALESCE(state, ''), COALESCE(wait_event, ''), \
+                         EXTRACT(EPOCH FROM now() - xact_start)::BIGINT FROM pg_stat_activity \
+                         WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start <= now() ORDER BY xact_start",
+                        vec![],
+                        &[Kind::Int, Kind::Text, Kind::Text, Kind::Text, Kind::Int],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "pid {} ({}, {}{}, transaction open {} s)",
+                            r.int(0),
+                            r.text(1),
+                            r.text(2),
+                            if r.text(3).is_empty() {
+                                String::new()
+                            } else {
+                                format!(", waiting on {}", r.text(3))
+                            },
+                            r.int(4)
+                        )
+                    })
+                    .collect();
+                tracing::warn!(
+                    waited_seconds = waited,
+                    holders = %holders.join("; "),
+                    "planning a settle run waits for the settlement plan lock, held by a load (or another session) that has not finished"
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tx.exec("RELEASE SAVEPOINT plan_lock", vec![]).await?;
+    tx.exec("SELECT set_config('lock_timeout', $1, true)", vec![previous.into()])
+        .await?;
     Ok(())
 }
+
+/// How long planning waits for the plan lock between two warnings.
+const PLAN_LOCK_WARN_SECONDS: i64 = 10;
+/// PostgreSQL's SQLSTATE for a lock wait that reached `lock_timeout`.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
 
 /// Moves a job_state value forward (never back).
 async fn advance(tx: &mut Tx, job: &str, to: i64) -> Result<()> {
