@@ -30,6 +30,14 @@ fn world(accounts: usize, resources: usize) -> String {
     )
 }
 
+/// `world(accounts, resources)` in a file of its own (gone with the directory).
+fn world_doc(accounts: usize, resources: usize) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("world.json");
+    std::fs::write(&doc, world(accounts, resources)).unwrap();
+    (dir, doc)
+}
+
 fn billrun(url: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_billrun"));
     // short leases: a killed runner's run is taken over after 3 s
@@ -45,9 +53,7 @@ async fn three_processes_equal_one() {
     if common::pg_url().is_none() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let doc = dir.path().join("world.json");
-    std::fs::write(&doc, world(40, 100)).unwrap();
+    let (_dir, doc) = world_doc(40, 100);
     let now = "2023-12-20T00:00:00Z"; // 35 days: hourly settlement, renewals, arrears, freezes
     let single = common::fresh("postgres").await;
     let cluster = common::fresh("postgres").await;
@@ -122,9 +128,7 @@ fn settle_runs(url: &str) -> i64 {
 /// run's, transaction ids included. More trials with BILLRUN_KILL_TRIALS.
 #[tokio::test]
 async fn kill_9_mid_run_then_resume_equals_undisturbed() {
-    let dir = tempfile::tempdir().unwrap();
-    let doc = dir.path().join("world.json");
-    std::fs::write(&doc, world(100, 1000)).unwrap();
+    let (_dir, doc) = world_doc(100, 1000);
     let now = "2023-11-16T06:00:00Z";
     let trials: u32 = std::env::var("BILLRUN_KILL_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     for name in common::available() {
@@ -192,9 +196,7 @@ fn signal(child: &std::process::Child, sig: &str) {
 /// tick completes it to the undisturbed ledger.
 #[tokio::test]
 async fn sigterm_finishes_the_run_and_exits_0() {
-    let dir = tempfile::tempdir().unwrap();
-    let doc = dir.path().join("world.json");
-    std::fs::write(&doc, world(100, 1000)).unwrap();
+    let (_dir, doc) = world_doc(100, 1000);
     let now = "2023-11-16T06:00:00Z";
     for name in common::available() {
         let (_calm, expected, duration) = undisturbed(name, &doc, now).await;
@@ -299,9 +301,7 @@ async fn stopped_while(url: &str, replica: &std::process::Child, pause: Pause) -
 }
 
 async fn paused_replica_writes_nothing(pause: Pause) {
-    let dir = tempfile::tempdir().unwrap();
-    let doc = dir.path().join("world.json");
-    std::fs::write(&doc, world(200, 4000)).unwrap();
+    let (_dir, doc) = world_doc(200, 4000);
     let now = "2023-11-15T08:00:00Z";
     let (_calm, expected, duration) = undisturbed("postgres", &doc, now).await;
 
@@ -375,9 +375,7 @@ async fn paused_replica_writes_nothing(pause: Pause) {
 /// opening balance plus its top-ups minus the amounts due of its lines (no lost update).
 #[tokio::test]
 async fn topups_during_a_run_are_never_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let doc = dir.path().join("world.json");
-    std::fs::write(&doc, world(40, 100)).unwrap();
+    let (_dir, doc) = world_doc(40, 100);
     for name in common::available() {
         let be = common::fresh(name).await;
         assert!(billrun(&be.url).arg("load").arg(&doc).status().unwrap().success());
@@ -551,9 +549,7 @@ async fn planning_waits_for_a_stuck_load_and_says_so() {
     if common::pg_url().is_none() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let doc = dir.path().join("world.json");
-    std::fs::write(&doc, world(20, 100)).unwrap();
+    let (_dir, doc) = world_doc(20, 100);
     let now = "2023-11-15T08:00:00Z";
     let (_calm, expected, _) = undisturbed("postgres", &doc, now).await;
     let be = common::fresh("postgres").await;
