@@ -163,13 +163,14 @@ async fn kill_9_mid_run_then_resume_equals_undisturbed() {
 
 /// Rows of job_runs in the given outcome.
 async fn runs_in(url: &str, outcome: &str) -> i64 {
+    count(url, format!("SELECT COUNT(*) FROM job_runs WHERE outcome = '{outcome}'")).await
+}
+
+/// The number a `SELECT COUNT(*)` returns on a connection of its own (0 if it fails).
+async fn count(url: &str, sql: String) -> i64 {
     let db = billrun::store::db::Db::connect(url).await.unwrap();
     let n = db
-        .rows(
-            sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM job_runs WHERE outcome = '{outcome}'")),
-            vec![],
-            &[billrun::store::db::Kind::Int],
-        )
+        .rows(sqlx::AssertSqlSafe(sql), vec![], &[billrun::store::db::Kind::Int])
         .await
         .map(|r| r[0].int(0))
         .unwrap_or(0);
@@ -257,19 +258,13 @@ enum Pause {
 
 /// Sessions of this database stopped inside `COPY ledger ... FROM STDIN`, waiting for the client.
 async fn sessions_waiting_inside_a_copy(url: &str) -> i64 {
-    let db = billrun::store::db::Db::connect(url).await.unwrap();
-    let n = db
-        .rows(
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' \
-             AND query LIKE 'COPY ledger%' AND wait_event = 'ClientRead'",
-            vec![],
-            &[billrun::store::db::Kind::Int],
-        )
-        .await
-        .map(|r| r[0].int(0))
-        .unwrap_or(0);
-    db.close().await;
-    n
+    count(
+        url,
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' \
+         AND query LIKE 'COPY ledger%' AND wait_event = 'ClientRead'"
+            .to_string(),
+    )
+    .await
 }
 
 /// Polls until the replica is caught in the moment `pause` names, stops it (SIGSTOP) and checks
