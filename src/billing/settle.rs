@@ -42,21 +42,46 @@ pub fn usage_key(resource_id: &str, item: &str, hour_start: i64, quantity: Decim
     json!(["usage", resource_id, item, hour_start, fmt_plain(quantity)]).to_string()
 }
 
-/// A transaction id is fixed by the line's key and revision, so a rerun or a resumed run posts the
-/// same id for the same line.
-pub fn transaction_id(line_key: &str, revision: i64) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn key_digest(line_key: &str, revision: i64) -> [u8; 32] {
     let mut hasher = Sha256::new();
     hasher.update(line_key.as_bytes());
     hasher.update(b"#");
     hasher.update(revision.to_string().as_bytes());
-    let digest = hasher.finalize();
-    let mut id = String::with_capacity(3 + 24);
-    id.push_str("tx_");
-    for b in &digest[..12] {
+    hasher.finalize().into()
+}
+
+fn push_hex(id: &mut String, bytes: &[u8]) {
+    for b in bytes {
         id.push(HEX[usize::from(b >> 4)] as char);
         id.push(HEX[usize::from(b & 15)] as char);
     }
+}
+
+/// A transaction id is fixed by the line's key and revision, so a rerun or a resumed run posts the
+/// same id for the same line: `tx_` and 24 hex digits of a hash of both. Purchases, renewals,
+/// refunds; metered lines use [`metered_transaction_id`].
+pub fn transaction_id(line_key: &str, revision: i64) -> String {
+    let mut id = String::with_capacity(3 + 24);
+    id.push_str("tx_");
+    push_hex(&mut id, &key_digest(line_key, revision)[..12]);
+    id
+}
+
+/// The id of a metered line (usage, a package draw, an excess, and their adjustments): `tx_`, the
+/// billing hour as 6 hex digits (hours since 1970), then 18 hex digits of the same hash as
+/// [`transaction_id`]. The hour is part of every metered line's key, so the id is still fixed by
+/// (key, revision) and a second posting of a line still collides on the unique id. What the prefix
+/// buys: an hour's lines share it, so settling an hour inserts into one region of the ledger's
+/// unique id index instead of anywhere in its whole history, which made every hour slower than the
+/// one before (a 24-hour catch-up of 100k resources: 2 s for the first hour, 4-5 s for the last).
+pub fn metered_transaction_id(hour_start: i64, line_key: &str, revision: i64) -> String {
+    let hour = (hour_start.div_euclid(3600) & 0xFF_FFFF) as u32;
+    let mut id = String::with_capacity(3 + 24);
+    id.push_str("tx_");
+    push_hex(&mut id, &hour.to_be_bytes()[1..]);
+    push_hex(&mut id, &key_digest(line_key, revision)[..9]);
     id
 }
 
@@ -477,7 +502,7 @@ pub fn post_drafts<'a>(
             .ok_or_else(|| format!("account {account_id} is not loaded"))?;
         let charge = book.charge(d.amount_due, at, events);
         lines.push(LedgerLine {
-            transaction_id: transaction_id(&d.line_key, d.revision),
+            transaction_id: metered_transaction_id(d.hour_start, &d.line_key, d.revision),
             transaction_time: at,
             account_id,
             resource_id: resource.id.clone(),
@@ -529,6 +554,22 @@ mod tests {
             assert_eq!(transaction_id(key, revision), format!("tx_{hex}"));
         }
         assert_eq!(transaction_id("k", 0).len(), 27);
+    }
+
+    /// Metered ids: the billing hour in hex, then the first 18 hex digits of the same hash; pinned.
+    #[test]
+    fn metered_ids_lead_with_their_hour() {
+        let key = usage_key("r1", "instance", 1_704_880_800, d("2"));
+        let id = metered_transaction_id(1_704_880_800, &key, 0);
+        assert_eq!(&id[..9], "tx_0739ea", "hour 473,578 since 1970");
+        assert_eq!(&id[9..], &transaction_id(&key, 0)[3..21]);
+        assert_eq!(id.len(), 27);
+        // the next hour sorts after it whatever the hash; another revision is another id
+        let next = metered_transaction_id(1_704_884_400, &key, 0);
+        assert_eq!(&next[..9], "tx_0739eb");
+        assert_ne!(metered_transaction_id(1_704_880_800, &key, 1), id);
+        // a half-hour zone's hours still lead with the hour they start in
+        assert_eq!(&metered_transaction_id(1_704_880_800 + 1800, &key, 0)[..9], "tx_0739ea");
     }
 
     fn at(s: &str) -> i64 {
