@@ -14,6 +14,7 @@ const SQLITE: &[(i64, &str)] = &[
     (6, include_str!("../../sql/sqlite/0006_packages.sql")),
     (7, include_str!("../../sql/sqlite/0007_ledger_keys.sql")),
     (8, include_str!("../../sql/sqlite/0008_holders.sql")),
+    (9, include_str!("../../sql/sqlite/0009_accounts_fillfactor.sql")),
 ];
 const POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../sql/postgres/0001_foundation.sql")),
@@ -24,6 +25,7 @@ const POSTGRES: &[(i64, &str)] = &[
     (6, include_str!("../../sql/postgres/0006_packages.sql")),
     (7, include_str!("../../sql/postgres/0007_ledger_keys.sql")),
     (8, include_str!("../../sql/postgres/0008_holders.sql")),
+    (9, include_str!("../../sql/postgres/0009_accounts_fillfactor.sql")),
 ];
 
 /// Brings the schema up to date. Concurrent starts are serialised by a lock on `meta`.
