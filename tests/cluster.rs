@@ -239,9 +239,11 @@ async fn a_paused_replica_is_taken_over_and_writes_nothing() {
 }
 
 /// The same with the replica paused in the middle of a COPY that posts ledger lines: the server
-/// waits for the rest of the data while the transaction holds the accounts' row locks, so what ends
-/// it is the COPY's statement timeout (the idle-in-transaction timeout does not apply to an active
-/// statement). Without that timeout the other replica waited on those locks for good.
+/// waits for the rest of the data while the transaction holds the accounts' row locks, and no
+/// server timeout ends that wait (the idle-in-transaction timeout does not apply to an active
+/// statement, and a statement timeout is not acted on while the server reads from the client).
+/// What ends it is the replica taking the run over, which ends the paused one's session; without
+/// that the other replica waited on those locks for good.
 #[tokio::test]
 async fn a_replica_paused_inside_a_copy_is_taken_over_and_writes_nothing() {
     if common::pg_url().is_none() {

@@ -111,7 +111,6 @@ pub enum Tx {
     Postgres(Transaction<'static, Postgres>),
 }
 
-/// The URL with any password replaced, for logs and errors.
 /// The SQLSTATE of a database error somewhere in the chain, if there is one.
 pub fn sqlstate(e: &anyhow::Error) -> Option<String> {
     e.chain()
@@ -121,6 +120,7 @@ pub fn sqlstate(e: &anyhow::Error) -> Option<String> {
         .map(|c| c.into_owned())
 }
 
+/// The URL with any password replaced, for logs and errors.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {

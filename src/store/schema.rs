@@ -47,10 +47,7 @@ pub async fn migrate_to(db: &Db, target: i64) -> Result<i64> {
     // up to date: nothing to lock (the lock below would wait for every running load, which
     // holds a row of `meta`, so no command could start during a load)
     let wanted = steps.iter().map(|(v, _)| *v).filter(|v| *v <= target).max().unwrap_or(0);
-    let stored = schema_version(
-        &db.rows("SELECT value FROM meta WHERE key = 'schema_version'", vec![], &[Kind::Text])
-            .await?,
-    )?;
+    let stored = schema_version(&db.rows(SCHEMA_VERSION, vec![], &[Kind::Text]).await?)?;
     if stored >= wanted {
         return Ok(stored);
     }
@@ -58,10 +55,7 @@ pub async fn migrate_to(db: &Db, target: i64) -> Result<i64> {
     if tx.backend() == Backend::Postgres {
         tx.exec("LOCK TABLE meta IN EXCLUSIVE MODE", vec![]).await?;
     }
-    let current = schema_version(
-        &tx.rows("SELECT value FROM meta WHERE key = 'schema_version'", vec![], &[Kind::Text])
-            .await?,
-    )?;
+    let current = schema_version(&tx.rows(SCHEMA_VERSION, vec![], &[Kind::Text]).await?)?;
     let mut version = current;
     for (v, sql) in steps {
         if *v > version && *v <= target {
@@ -80,6 +74,9 @@ pub async fn migrate_to(db: &Db, target: i64) -> Result<i64> {
     Ok(version)
 }
 
+const SCHEMA_VERSION: &str = "SELECT value FROM meta WHERE key = 'schema_version'";
+
+/// The stored schema version in the rows `SCHEMA_VERSION` read; 0 for a new database.
 fn schema_version(rows: &[super::db::Row]) -> Result<i64> {
     Ok(rows.first().map(|r| r.text(0).parse::<i64>()).transpose()?.unwrap_or(0))
 }

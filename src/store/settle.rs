@@ -323,34 +323,19 @@ pub(crate) async fn lock_horizon(tx: &mut Tx, exclusive: bool) -> Result<()> {
             Err(e) if super::db::sqlstate(&e).as_deref() == Some(LOCK_NOT_AVAILABLE) => {
                 tx.exec("ROLLBACK TO SAVEPOINT plan_lock", vec![]).await?;
                 let waited = started.elapsed().as_secs() as i64;
-                let holders: Vec<String> = tx
+                let holders = tx
                     .rows(
-                        "SELECT pid::BIGINT, COALESCE(application_name, ''), COALESCE(state, ''), COALESCE(wait_event, ''), \
-                         EXTRACT(EPOCH FROM now() - xact_start)::BIGINT FROM pg_stat_activity \
-                         WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start <= now() ORDER BY xact_start",
+                        "SELECT COALESCE(string_agg(format('pid %s (%s, %s%s, transaction open %s s)', pid, application_name, state, \
+                         ', waiting on ' || wait_event, EXTRACT(EPOCH FROM now() - xact_start)::BIGINT), '; ' ORDER BY xact_start), '') \
+                         FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start <= now()",
                         vec![],
-                        &[Kind::Int, Kind::Text, Kind::Text, Kind::Text, Kind::Int],
+                        &[Kind::Text],
                     )
-                    .await?
-                    .iter()
-                    .map(|r| {
-                        format!(
-                            "pid {} ({}, {}{}, transaction open {} s)",
-                            r.int(0),
-                            r.text(1),
-                            r.text(2),
-                            if r.text(3).is_empty() {
-                                String::new()
-                            } else {
-                                format!(", waiting on {}", r.text(3))
-                            },
-                            r.int(4)
-                        )
-                    })
-                    .collect();
+                    .await?[0]
+                    .text(0);
                 tracing::warn!(
                     waited_seconds = waited,
-                    holders = %holders.join("; "),
+                    holders = %holders,
                     "planning a settle run waits for the settlement plan lock, held by a load (or another session) that has not finished"
                 );
             }
