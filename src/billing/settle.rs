@@ -70,19 +70,41 @@ pub fn transaction_id(line_key: &str, revision: i64) -> String {
 }
 
 /// The id of a metered line (usage, a package draw, an excess, and their adjustments): `tx_`, the
-/// billing hour as 6 hex digits (hours since 1970), then 18 hex digits of the same hash as
-/// [`transaction_id`]. The hour is part of every metered line's key, so the id is still fixed by
-/// (key, revision) and a second posting of a line still collides on the unique id. What the prefix
-/// buys: an hour's lines share it, so settling an hour inserts into one region of the ledger's
-/// unique id index instead of anywhere in its whole history, which made every hour slower than the
-/// one before (a 24-hour catch-up of 100k resources: 2 s for the first hour, 4-5 s for the last).
-pub fn metered_transaction_id(hour_start: i64, line_key: &str, revision: i64) -> String {
+/// billing hour as 6 hex digits (hours since 1970), the account's [`chunk_bucket`] as 4 hex
+/// digits, then 18 hex digits of the same hash as [`transaction_id`]. The hour is part of every
+/// metered line's key and the account is fixed by it (the resource's), so the id is still fixed by
+/// (key, revision) and a second posting of a line still collides on the unique id.
+///
+/// What the prefix buys: the ledger's unique id index and its export-order index (time, id) are
+/// written in the order settlement posts. The hour keeps an hour's lines in one region instead of
+/// anywhere in the ledger's history (that made every hour of a catch-up slower than the one before);
+/// the bucket follows the chunks, which settle accounts in (bucket, account) order, so each chunk
+/// appends to its own stretch of the hour instead of touching every page of it (at 1M lines an
+/// hour, every chunk rewrote most of both indexes).
+pub fn metered_transaction_id(hour_start: i64, bucket: u16, line_key: &str, revision: i64) -> String {
     let hour = (hour_start.div_euclid(3600) & 0xFF_FFFF) as u32;
-    let mut id = String::with_capacity(3 + 24);
+    let mut id = String::with_capacity(3 + 6 + 4 + 18);
     id.push_str("tx_");
     push_hex(&mut id, &hour.to_be_bytes()[1..]);
+    push_hex(&mut id, &bucket.to_be_bytes());
     push_hex(&mut id, &key_digest(line_key, revision)[..9]);
     id
+}
+
+/// The chunk bucket of an account: (c1 + 31 c2 + 961 c3 + 29791 c4) mod 65536 over the code points
+/// of its last four characters (c1 the last; 0 where the id is shorter). Settlement chunks accounts
+/// in (bucket, account id) order and metered ids carry the bucket, so a chunk's lines sort
+/// together. The databases compute the same function in SQL (`store::settle::bucket_sql`, pinned
+/// against this one on both backends), so it only uses what both can: the last characters, which
+/// is where sequential ids and random ids vary. A poor spread (ids ending alike) costs speed only,
+/// never correctness: chunks are ranges of (bucket, account id) whatever the buckets are.
+pub fn chunk_bucket(account_id: &str) -> u16 {
+    let mut tail = account_id.chars().rev().map(u64::from);
+    let mut sum = 0u64;
+    for weight in [1u64, 31, 961, 29_791] {
+        sum += weight * tail.next().unwrap_or(0);
+    }
+    (sum % 65_536) as u16
 }
 
 /// Windows in which a resource must not be billed (frozen or released), half-open, end None = forever.
@@ -502,7 +524,7 @@ pub fn post_drafts<'a>(
             .ok_or_else(|| format!("account {account_id} is not loaded"))?;
         let charge = book.charge(d.amount_due, at, events);
         lines.push(LedgerLine {
-            transaction_id: metered_transaction_id(d.hour_start, &d.line_key, d.revision),
+            transaction_id: metered_transaction_id(d.hour_start, chunk_bucket(&account_id), &d.line_key, d.revision),
             transaction_time: at,
             account_id,
             resource_id: resource.id.clone(),
@@ -556,20 +578,47 @@ mod tests {
         assert_eq!(transaction_id("k", 0).len(), 27);
     }
 
-    /// Metered ids: the billing hour in hex, then the first 18 hex digits of the same hash; pinned.
+    /// Metered ids: the billing hour in hex, the account's bucket, then the first 18 hex digits of
+    /// the same hash; pinned.
     #[test]
-    fn metered_ids_lead_with_their_hour() {
+    fn metered_ids_lead_with_their_hour_and_bucket() {
         let key = usage_key("r1", "instance", 1_704_880_800, d("2"));
-        let id = metered_transaction_id(1_704_880_800, &key, 0);
+        let id = metered_transaction_id(1_704_880_800, 0x1f2e, &key, 0);
         assert_eq!(&id[..9], "tx_0739ea", "hour 473,578 since 1970");
-        assert_eq!(&id[9..], &transaction_id(&key, 0)[3..21]);
-        assert_eq!(id.len(), 27);
-        // the next hour sorts after it whatever the hash; another revision is another id
-        let next = metered_transaction_id(1_704_884_400, &key, 0);
-        assert_eq!(&next[..9], "tx_0739eb");
-        assert_ne!(metered_transaction_id(1_704_880_800, &key, 1), id);
+        assert_eq!(&id[9..13], "1f2e");
+        assert_eq!(&id[13..], &transaction_id(&key, 0)[3..21]);
+        assert_eq!(id.len(), 31);
+        // the next hour sorts after it whatever the bucket and hash; so does a higher bucket in
+        // the same hour; another revision is another id
+        let next = metered_transaction_id(1_704_884_400, 0, &key, 0);
+        assert_eq!(&next[..13], "tx_0739eb0000");
+        assert!(next > metered_transaction_id(1_704_880_800, 0xffff, &key, 0));
+        assert!(metered_transaction_id(1_704_880_800, 0x1f2f, &key, 0) > id);
+        assert_ne!(metered_transaction_id(1_704_880_800, 0x1f2e, &key, 1), id);
         // a half-hour zone's hours still lead with the hour they start in
-        assert_eq!(&metered_transaction_id(1_704_880_800 + 1800, &key, 0)[..9], "tx_0739ea");
+        assert_eq!(&metered_transaction_id(1_704_880_800 + 1800, 0, &key, 0)[..9], "tx_0739ea");
+    }
+
+    #[test]
+    fn chunk_buckets_are_pinned() {
+        // (c1 + 31 c2 + 961 c3 + 29791 c4) mod 65536 over the last four code points
+        assert_eq!(chunk_bucket(""), 0);
+        assert_eq!(chunk_bucket("a"), 97);
+        assert_eq!(chunk_bucket("ab"), 98 + 31 * 97);
+        assert_eq!(
+            chunk_bucket("acct000123"),
+            ((51 + 31 * 50 + 961 * 49 + 29_791 * 48) % 65_536) as u16
+        );
+        assert_eq!(chunk_bucket("xacct000123"), chunk_bucket("acct000123"), "only the last four count");
+        // code points, not bytes: U+1F600 is one character
+        assert_eq!(chunk_bucket("\u{1F600}"), (0x1F600 % 65_536) as u16);
+        assert_eq!(
+            chunk_bucket("\u{10FFFF}\u{10FFFF}\u{10FFFF}\u{10FFFF}"),
+            ((0x10FFFFu64 * (1 + 31 + 961 + 29_791)) % 65_536) as u16
+        );
+        // sequential ids spread: 1,000 consecutive accounts land in 1,000 buckets
+        let buckets: std::collections::HashSet<u16> = (0..1000).map(|n| chunk_bucket(&format!("acct{n:06}"))).collect();
+        assert_eq!(buckets.len(), 1000);
     }
 
     fn at(s: &str) -> i64 {

@@ -196,8 +196,8 @@ fn copy_text_value(buf: &mut String, v: &Val) {
 }
 
 /// Lines already posted for the billing hour to the accounts in a range, in posting order.
-pub(crate) async fn hour_lines(tx: &mut Tx, hour_start: i64, accounts: (Option<&str>, Option<&str>)) -> Result<Vec<LedgerLine>> {
-    let (cond, extra) = super::settle::range_sql("account_id", accounts, 2);
+pub(crate) async fn hour_lines(tx: &mut Tx, hour_start: i64, accounts: super::settle::ChunkRange<'_>) -> Result<Vec<LedgerLine>> {
+    let (cond, extra) = super::settle::range_sql(tx.backend(), "account_id", accounts, 2);
     let sql = format!("{SELECT_LINE} WHERE hour_start = $1{cond} ORDER BY seq");
     tx.rows(sqlx::AssertSqlSafe(sql), [vec![hour_start.into()], extra].concat(), LINE_KINDS)
         .await?

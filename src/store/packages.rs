@@ -2,7 +2,7 @@
 //! pays for, the quota a settlement chunk draws from, and the hours that late changes re-open.
 
 use super::db::{Kind, Tx, Val};
-use super::settle::range_sql;
+use super::settle::{range_sql, ChunkRange};
 use crate::billing::lifecycle::{add_months, cycle_end};
 use crate::billing::model::Plan;
 use crate::billing::packages::CycleQuota;
@@ -95,11 +95,11 @@ pub(crate) async fn counted_hours(
 pub(crate) async fn chunk_cycles(
     tx: &mut Tx,
     plans: &HashMap<String, Plan>,
-    range: (Option<&str>, Option<&str>),
+    range: ChunkRange<'_>,
     from: i64,
     to: i64,
 ) -> Result<HashMap<(String, String), Vec<CycleQuota>>> {
-    let (cond, extra) = range_sql("p.account_id", range, 3);
+    let (cond, extra) = range_sql(tx.backend(), "p.account_id", range, 3);
     let rows = tx
         .rows(
             sqlx::AssertSqlSafe(format!(
@@ -163,9 +163,9 @@ pub(crate) async fn hour_counts(
     tx: &mut Tx,
     hour: i64,
     end: i64,
-    range: (Option<&str>, Option<&str>),
+    range: ChunkRange<'_>,
 ) -> Result<Vec<(String, String, i64, rust_decimal::Decimal)>> {
-    let (cond, extra) = range_sql("r.account_id", range, 3);
+    let (cond, extra) = range_sql(tx.backend(), "r.account_id", range, 3);
     Ok(tx
         .rows(
             sqlx::AssertSqlSafe(format!(

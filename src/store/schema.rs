@@ -15,6 +15,7 @@ const SQLITE: &[(i64, &str)] = &[
     (7, include_str!("../../sql/sqlite/0007_ledger_keys.sql")),
     (8, include_str!("../../sql/sqlite/0008_holders.sql")),
     (9, include_str!("../../sql/sqlite/0009_accounts_fillfactor.sql")),
+    (10, include_str!("../../sql/sqlite/0010_chunk_buckets.sql")),
 ];
 const POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../sql/postgres/0001_foundation.sql")),
@@ -26,6 +27,7 @@ const POSTGRES: &[(i64, &str)] = &[
     (7, include_str!("../../sql/postgres/0007_ledger_keys.sql")),
     (8, include_str!("../../sql/postgres/0008_holders.sql")),
     (9, include_str!("../../sql/postgres/0009_accounts_fillfactor.sql")),
+    (10, include_str!("../../sql/postgres/0010_chunk_buckets.sql")),
 ];
 
 /// Brings the schema up to date. Concurrent starts are serialised by a lock on `meta`.

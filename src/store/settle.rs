@@ -1,5 +1,5 @@
 //! Settlement runs, split into chunks of accounts. A run is planned once (its hours, the hours
-//! awaiting re-settlement with their generation, and account-range boundaries) and the plan is
+//! awaiting re-settlement with their generation, and chunk boundaries) and the plan is
 //! committed with the run's row; each chunk then settles its accounts' usage for every hour of the
 //! run in its own transaction, claimed with a lease like a run, so several replicas settle one big
 //! hour in parallel and a crash loses one chunk's work at most. The last step (exactly once, by
@@ -86,19 +86,74 @@ pub struct SettlePlan {
     /// Hours awaiting re-settlement when the run was planned, with their generation: cleared at
     /// the end only if no load marked them again meanwhile.
     pub dirty: Vec<(i64, i64)>,
-    /// Account-id boundaries: chunk 0 is below bounds[0], chunk k is [bounds[k-1], bounds[k]), the
-    /// last is from the last bound up.
-    pub bounds: Vec<String>,
+    /// Chunk boundaries in (bucket, account id) order (see [`ChunkRange::Keys`]): chunk 0 is below
+    /// keys[0], chunk k is [keys[k-1], keys[k]), the last is from the last key up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<Vec<ChunkKey>>,
+    /// A plan stored by a build before migration 10: account-id boundaries, laid out as `keys`.
+    /// Such a run is finished the way it was planned. (New plans have no `bounds`, so an older
+    /// build refuses to continue one instead of reading its keys as account ids.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bounds: Option<Vec<String>>,
+}
+
+/// A chunk boundary: an account's [`chunk_bucket`](crate::billing::settle::chunk_bucket) and id.
+pub type ChunkKey = (i64, String);
+
+/// The accounts of one chunk, half-open; `None` is unbounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkRange<'a> {
+    /// By (bucket, account id): the order metered ids are in, so a chunk's lines are inserted
+    /// together into the ledger's indexes.
+    Keys(Option<&'a ChunkKey>, Option<&'a ChunkKey>),
+    /// By account id: plans made before migration 10.
+    Accounts(Option<&'a str>, Option<&'a str>),
+}
+
+impl ChunkRange<'_> {
+    /// The range for a run's log and its chunk's row.
+    fn to_json(self) -> serde_json::Value {
+        match self {
+            ChunkRange::Keys(lo, hi) => serde_json::json!({ "keys": [lo, hi] }),
+            ChunkRange::Accounts(lo, hi) => serde_json::json!({ "accounts": [lo, hi] }),
+        }
+    }
 }
 
 impl SettlePlan {
     pub fn chunks(&self) -> usize {
-        self.bounds.len() + 1
+        match (&self.keys, &self.bounds) {
+            (Some(keys), _) => keys.len() + 1,
+            (None, Some(bounds)) => bounds.len() + 1,
+            (None, None) => 1,
+        }
     }
 
-    fn range(&self, k: usize) -> (Option<&str>, Option<&str>) {
-        let lo = if k == 0 { None } else { Some(self.bounds[k - 1].as_str()) };
-        (lo, self.bounds.get(k).map(String::as_str))
+    fn range(&self, k: usize) -> ChunkRange<'_> {
+        match (&self.keys, &self.bounds) {
+            (None, Some(bounds)) => ChunkRange::Accounts(k.checked_sub(1).map(|i| bounds[i].as_str()), bounds.get(k).map(String::as_str)),
+            (keys, _) => {
+                let keys = keys.as_deref().unwrap_or_default();
+                ChunkRange::Keys(k.checked_sub(1).map(|i| &keys[i]), keys.get(k))
+            }
+        }
+    }
+}
+
+/// The SQL of [`chunk_bucket`](crate::billing::settle::chunk_bucket) over column `col`. Migration
+/// 10's indexes are on exactly this expression (with `account_id`), which is what lets a chunk's
+/// reads search them; a test pins both to the Rust function on both backends.
+pub fn bucket_sql(backend: Backend, col: &str) -> String {
+    match backend {
+        Backend::Sqlite => format!(
+            "((COALESCE(unicode(substr({col}, -1, 1)), 0) + 31 * COALESCE(unicode(substr({col}, -2, 1)), 0) \
+             + 961 * COALESCE(unicode(substr({col}, -3, 1)), 0) + 29791 * COALESCE(unicode(substr({col}, -4, 1)), 0)) % 65536)"
+        ),
+        // substr before the first character is '' and ascii('') is 0
+        Backend::Postgres => format!(
+            "((ascii(substr({col}, length({col}), 1))::bigint + 31 * ascii(substr({col}, length({col}) - 1, 1))::bigint \
+             + 961 * ascii(substr({col}, length({col}) - 2, 1))::bigint + 29791 * ascii(substr({col}, length({col}) - 3, 1))::bigint) % 65536)"
+        ),
     }
 }
 
@@ -245,24 +300,28 @@ async fn plan_of(tx: &mut Tx, run: &SettleRun, chunk_resources: usize) -> Result
     let mut hours: Vec<i64> = run.hours.iter().copied().chain(dirty.iter().map(|d| d.0)).collect();
     hours.sort_unstable();
     hours.dedup();
-    // every chunk_resources-th pay-per-use resource in account order starts a chunk
-    let mut bounds: Vec<String> = tx
+    // every chunk_resources-th pay-per-use resource in (bucket, account) order starts a chunk
+    let bucket = bucket_sql(tx.backend(), "account_id");
+    let mut keys: Vec<ChunkKey> = tx
         .rows(
-            "SELECT account_id FROM (SELECT account_id, ROW_NUMBER() OVER (ORDER BY account_id) AS rn FROM resources \
-             WHERE mode = 'pay_per_use' OR ppu_from IS NOT NULL) x WHERE rn % $1 = 0 ORDER BY account_id",
+            sqlx::AssertSqlSafe(format!(
+                "SELECT b, account_id FROM (SELECT {bucket} AS b, account_id, ROW_NUMBER() OVER (ORDER BY {bucket}, account_id) AS rn \
+                 FROM resources WHERE mode = 'pay_per_use' OR ppu_from IS NOT NULL) x WHERE rn % $1 = 0 ORDER BY b, account_id"
+            )),
             vec![(chunk_resources.max(1) as i64).into()],
-            &[Kind::Text],
+            &[Kind::Int, Kind::Text],
         )
         .await?
         .iter()
-        .map(|r| r.text(0))
+        .map(|r| (r.int(0), r.text(1)))
         .collect();
-    bounds.dedup();
+    keys.dedup();
     Ok(SettlePlan {
         hours,
         run_hours: run.hours.clone(),
         dirty,
-        bounds,
+        keys: Some(keys),
+        bounds: None,
     })
 }
 
@@ -370,19 +429,38 @@ struct ChunkOutcome {
     arrears_began: Vec<String>,
 }
 
-/// `AND col >= $n AND col < $n+1` for an account range, with its arguments.
-pub(crate) fn range_sql(col: &str, (lo, hi): (Option<&str>, Option<&str>), first: usize) -> (String, Vec<super::db::Val>) {
+/// The condition that the account in column `col` is in a chunk's range (`AND ...`, parameters from
+/// `$first`), with its arguments.
+pub(crate) fn range_sql(backend: Backend, col: &str, range: ChunkRange<'_>, first: usize) -> (String, Vec<super::db::Val>) {
     let mut sql = String::new();
     let mut args = Vec::new();
     let mut n = first;
-    if let Some(lo) = lo {
-        sql.push_str(&format!(" AND {col} >= ${n}"));
-        args.push(lo.into());
-        n += 1;
-    }
-    if let Some(hi) = hi {
-        sql.push_str(&format!(" AND {col} < ${n}"));
-        args.push(hi.into());
+    match range {
+        ChunkRange::Keys(lo, hi) => {
+            let b = bucket_sql(backend, col);
+            // the bucket alone as well: SQLite searches an index on (bucket, account) for a range
+            // of its first column, but scans all of it for a row-value range
+            if let Some((bucket, account)) = lo {
+                sql.push_str(&format!(" AND {b} >= ${n} AND ({b}, {col}) >= (${n}, ${})", n + 1));
+                args.extend([(*bucket).into(), account.as_str().into()]);
+                n += 2;
+            }
+            if let Some((bucket, account)) = hi {
+                sql.push_str(&format!(" AND {b} <= ${n} AND ({b}, {col}) < (${n}, ${})", n + 1));
+                args.extend([(*bucket).into(), account.as_str().into()]);
+            }
+        }
+        ChunkRange::Accounts(lo, hi) => {
+            if let Some(lo) = lo {
+                sql.push_str(&format!(" AND {col} >= ${n}"));
+                args.push(lo.into());
+                n += 1;
+            }
+            if let Some(hi) = hi {
+                sql.push_str(&format!(" AND {col} < ${n}"));
+                args.push(hi.into());
+            }
+        }
     }
     (sql, args)
 }
@@ -406,7 +484,7 @@ async fn settle_chunk(
     let periods = arrears_periods(&mut tx).await?;
     // the chunk's accounts, read (and on PostgreSQL locked, in id order) in one statement; later
     // hours of the run continue from their balance
-    let (cond, extra) = range_sql("account_id", range, 1);
+    let (cond, extra) = range_sql(tx.backend(), "account_id", range, 1);
     let mut books = lock_books(
         &mut tx,
         &format!("SELECT account_id FROM resources WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL){cond}"),
@@ -465,14 +543,7 @@ async fn settle_chunk(
     .await?;
     record_arrears_events(&mut tx, &events).await?;
     let amount: Decimal = out.lines.iter().map(|l| l.amount_due).sum();
-    runs::finish(
-        &mut tx,
-        claim,
-        out.lines.len(),
-        amount,
-        serde_json::json!({"accounts": [range.0, range.1]}),
-    )
-    .await?;
+    runs::finish(&mut tx, claim, out.lines.len(), amount, range.to_json()).await?;
     tx.commit().await?;
     Ok(out)
 }
@@ -536,7 +607,7 @@ async fn finalize(db: &Db, zone: &BillingZone, run: &SettleRun, plan: &SettlePla
 struct HourContext<'a> {
     zone: &'a BillingZone,
     hour: i64,
-    range: (Option<&'a str>, Option<&'a str>),
+    range: ChunkRange<'a>,
     plans: &'a HashMap<String, Plan>,
     run: &'a SettleRun,
     periods: &'a HashMap<String, Vec<ArrearsPeriod>>,
@@ -562,7 +633,7 @@ async fn settle_hour(
     } = *ctx;
     let end = zone.next_hour(hour);
     // pay-per-use from creation (or from a change to pay-per-use) until deletion or release
-    let (cond, extra) = range_sql("account_id", range, 3);
+    let (cond, extra) = range_sql(tx.backend(), "account_id", range, 3);
     let resources: HashMap<String, MeteredResource> = tx
         .rows(
             sqlx::AssertSqlSafe(format!(
@@ -595,7 +666,7 @@ async fn settle_hour(
             (m.id.clone(), m)
         })
         .collect();
-    let (cond, extra) = range_sql("r.account_id", range, 4);
+    let (cond, extra) = range_sql(tx.backend(), "r.account_id", range, 4);
     let segments: Vec<UsageSegment> = tx
         .rows(
             sqlx::AssertSqlSafe(format!(
