@@ -431,7 +431,7 @@ struct ChunkOutcome {
 
 /// The condition that the account in column `col` is in a chunk's range (`AND ...`, parameters from
 /// `$first`), with its arguments.
-pub(crate) fn range_sql(backend: Backend, col: &str, range: ChunkRange<'_>, first: usize) -> (String, Vec<super::db::Val>) {
+pub fn range_sql(backend: Backend, col: &str, range: ChunkRange<'_>, first: usize) -> (String, Vec<super::db::Val>) {
     let mut sql = String::new();
     let mut args = Vec::new();
     let mut n = first;
