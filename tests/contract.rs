@@ -361,19 +361,21 @@ async fn ledger_migration_keeps_every_row() {
                     FROM ledger ORDER BY seq";
         let kinds = [Kind::Int, Kind::Text, Kind::Int, Kind::Money, Kind::Money, Kind::Money, Kind::Money, Kind::Text, Kind::Int, Kind::Text];
         let before: Vec<String> = db.rows(dump, vec![], &kinds).await.unwrap().iter().map(|r| format!("{:?}", r.0)).collect();
-        assert_eq!(migrate(&db).await.unwrap(), 10, "{}", be.name);
+        assert_eq!(migrate(&db).await.unwrap(), 11, "{}", be.name);
         if be.name == "postgres" {
-            // room on each page for balance updates to stay HOT (migration 9)
-            let options = db
-                .rows(
-                    "SELECT COALESCE(array_to_string(reloptions, ','), '') FROM pg_class WHERE relname = 'accounts'",
-                    vec![],
-                    &[Kind::Text],
-                )
-                .await
-                .unwrap()[0]
-                .text(0);
-            assert_eq!(options, "fillfactor=50");
+            // room on each page for balance (migration 9) and subscription (11) updates to stay HOT
+            for (table, fill) in [("accounts", "fillfactor=50"), ("resources", "fillfactor=80")] {
+                let options = db
+                    .rows(
+                        "SELECT COALESCE(array_to_string(reloptions, ','), '') FROM pg_class WHERE relname = $1",
+                        vec![table.into()],
+                        &[Kind::Text],
+                    )
+                    .await
+                    .unwrap()[0]
+                    .text(0);
+                assert_eq!(options, fill, "{table}");
+            }
         }
         let after: Vec<String> = db.rows(dump, vec![], &kinds).await.unwrap().iter().map(|r| format!("{:?}", r.0)).collect();
         assert_eq!(before, after, "{}", be.name);

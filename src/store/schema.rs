@@ -16,6 +16,7 @@ const SQLITE: &[(i64, &str)] = &[
     (8, include_str!("../../sql/sqlite/0008_holders.sql")),
     (9, include_str!("../../sql/sqlite/0009_accounts_fillfactor.sql")),
     (10, include_str!("../../sql/sqlite/0010_chunk_buckets.sql")),
+    (11, include_str!("../../sql/sqlite/0011_resources_fillfactor.sql")),
 ];
 const POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../sql/postgres/0001_foundation.sql")),
@@ -28,6 +29,7 @@ const POSTGRES: &[(i64, &str)] = &[
     (8, include_str!("../../sql/postgres/0008_holders.sql")),
     (9, include_str!("../../sql/postgres/0009_accounts_fillfactor.sql")),
     (10, include_str!("../../sql/postgres/0010_chunk_buckets.sql")),
+    (11, include_str!("../../sql/postgres/0011_resources_fillfactor.sql")),
 ];
 
 /// Brings the schema up to date. Concurrent starts are serialised by a lock on `meta`.
