@@ -111,7 +111,7 @@ pub enum ChunkRange<'a> {
 }
 
 impl ChunkRange<'_> {
-    /// The range for a run's log and its chunk's row.
+    /// The range as its chunk's row records it when the chunk is done.
     fn to_json(self) -> serde_json::Value {
         match self {
             ChunkRange::Keys(lo, hi) => serde_json::json!({ "keys": [lo, hi] }),
