@@ -120,9 +120,11 @@ async fn subscriptions(
     ];
     let due = match due_on {
         Some(today) => {
-            let renewal_window = match tx.backend() {
-                Backend::Sqlite => "date($5, '+' || renew_days_before || ' days')",
-                Backend::Postgres => "to_char(CAST($5 AS date) + CAST(renew_days_before AS integer), 'YYYY-MM-DD')",
+            // PostgreSQL compares dates: formatting a window date for each of a million rows
+            // (`to_char`) took half the read's time (1M subscriptions: 33 -> 18 ms a batch)
+            let in_renewal_window = match tx.backend() {
+                Backend::Sqlite => "expires_on <= date($5, '+' || renew_days_before || ' days')",
+                Backend::Postgres => "CAST(expires_on AS date) - CAST($5 AS date) <= renew_days_before",
             };
             args.push(date_text(today).into());
             let mut alert_dates = Vec::new();
@@ -131,7 +133,7 @@ async fn subscriptions(
                 alert_dates.push(format!("${}", args.len()));
             }
             format!(
-                " AND (expires_on IS NULL OR expires_on <= {renewal_window} OR expires_on IN ({}))",
+                " AND (expires_on IS NULL OR {in_renewal_window} OR expires_on IN ({}))",
                 alert_dates.join(", ")
             )
         }
@@ -231,6 +233,7 @@ pub(crate) async fn post_purchase(tx: &mut Tx, zone: &BillingZone, sub: &Subscri
             at: sub.purchased_at,
             run_job: "load",
             line_key: purchase_key(&sub.id),
+            renews_to: None,
             explain: charge_explain(&plan, sub, unit, periods, sub.months_paid, list),
         },
         &mut book,
@@ -272,26 +275,19 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
     let mut out = DailyOutcome::default();
     let plans = all_plans(&mut tx).await?;
     // the balances it may move, locked in id order on PostgreSQL until it commits
-    let mut books = crate::store::world::lock_books(
+    let books = crate::store::world::lock_books_in_order(
         &mut tx,
-        "SELECT account_id FROM resources WHERE mode <> 'pay_per_use' UNION SELECT account_id FROM arrears_periods",
+        "id IN (SELECT account_id FROM resources WHERE mode <> 'pay_per_use' UNION SELECT account_id FROM arrears_periods)",
         vec![],
     )
     .await?;
     let mut events: Vec<ArrearsEvent> = Vec::new();
     // subscriptions are walked a batch of accounts at a time (balances are per account, so the
     // outcome is the one of a single pass), which bounds the memory a day of millions takes
-    // (in the database's own order of ids, which the range conditions below compare in)
-    let accounts: Vec<String> = tx
-        .rows(
-            "SELECT DISTINCT account_id FROM resources WHERE mode <> 'pay_per_use' ORDER BY account_id",
-            vec![],
-            &[Kind::Text],
-        )
-        .await?
-        .iter()
-        .map(|r| r.text(0))
-        .collect();
+    // (in the database's own order of ids, which the range conditions below compare in: the
+    // order the books were read in; a batch may take in accounts with no subscriptions)
+    let accounts: Vec<String> = books.iter().map(|b| b.account.id.clone()).collect();
+    let mut books: HashMap<String, AccountBook> = books.into_iter().map(|b| (b.account.id.clone(), b)).collect();
     let batches: Vec<(String, String)> = accounts
         .chunks(daily_accounts_per_batch())
         .map(|c| (c[0].clone(), c[c.len() - 1].clone()))
@@ -411,6 +407,7 @@ async fn daily_batch(
                 at,
                 run_job: DAILY_JOB,
                 line_key: renewal_key(&sub.id, new_expiry),
+                renews_to: Some(new_expiry),
                 explain: charge_explain(plan, sub, unit, 1, months, list),
             },
             book,
@@ -655,6 +652,7 @@ pub async fn renew(db: &Db, zone: &BillingZone, resource: &str, periods: i64, at
             at,
             run_job: "renew",
             line_key: renewal_key(&sub.id, new_expiry),
+            renews_to: Some(new_expiry),
             explain: charge_explain(&plan, &sub, unit, periods, months, list),
         },
         &mut book,
@@ -724,6 +722,7 @@ async fn refund_line(
             at,
             run_job: job,
             line_key: refund_key(&sub.id, at),
+            renews_to: None,
             explain,
         },
         book,
