@@ -857,31 +857,16 @@ async fn chunk_buckets_agree_in_sql_and_chunks_search_their_indexes() {
         let (cond, hour_args) = range_sql(backend, "account_id", range, 2);
         let lines = format!("SELECT seq FROM ledger WHERE hour_start = $1{cond}");
         let mut tx = b.db.begin().await.unwrap();
-        let explain = match backend {
-            billrun::store::db::Backend::Sqlite => "EXPLAIN QUERY PLAN",
-            billrun::store::db::Backend::Postgres => {
-                // empty tables: make the planner show whether it could use an index at all
-                tx.exec("SET LOCAL enable_seqscan = off", vec![]).await.unwrap();
-                tx.exec("SET LOCAL enable_bitmapscan = off", vec![]).await.unwrap();
-                "EXPLAIN"
-            }
-        };
-        let kinds: &[Kind] = match backend {
-            billrun::store::db::Backend::Sqlite => &[Kind::Int, Kind::Int, Kind::Int, Kind::Text],
-            billrun::store::db::Backend::Postgres => &[Kind::Text],
-        };
+        if backend == billrun::store::db::Backend::Postgres {
+            // empty tables: make the planner show whether it could use an index at all
+            tx.exec("SET LOCAL enable_seqscan = off", vec![]).await.unwrap();
+            tx.exec("SET LOCAL enable_bitmapscan = off", vec![]).await.unwrap();
+        }
         for (query, args, index) in [
             (resources, args, "resources_ppu_chunk"),
             (lines, [vec![0i64.into()], hour_args].concat(), "ledger_hour_chunk"),
         ] {
-            let plan: Vec<String> = tx
-                .rows(sqlx::AssertSqlSafe(format!("{explain} {query}")), args, kinds)
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.text(kinds.len() - 1))
-                .collect();
-            let plan = plan.join("\n");
+            let plan = query_plan(&mut tx, &query, args).await;
             let searched = match backend {
                 billrun::store::db::Backend::Sqlite => plan.contains("SEARCH") && plan.contains(&format!("INDEX {index} (")),
                 billrun::store::db::Backend::Postgres => plan.contains(&format!("Scan using {index} ")) && plan.contains("Index Cond"),
@@ -900,7 +885,7 @@ async fn chunk_buckets_agree_in_sql_and_chunks_search_their_indexes() {
 /// speed). An account's export keeps the planner's choice.
 #[tokio::test]
 async fn the_export_walks_the_time_index_without_statistics() {
-    use billrun::store::db::{Backend, Kind};
+    use billrun::store::db::Backend;
     use billrun::store::ledger::{export_select, pg_export_settings, ExportFilter};
     on_each_backend(async |be| {
         let b = be.open("UTC").await;
@@ -931,18 +916,7 @@ async fn the_export_walks_the_time_index_without_statistics() {
         for set in pg_export_settings(&whole).iter().filter(|_| backend == Backend::Postgres) {
             tx.exec(*set, vec![]).await.unwrap();
         }
-        let (explain, kinds): (&str, &[Kind]) = match backend {
-            Backend::Sqlite => ("EXPLAIN QUERY PLAN", &[Kind::Int, Kind::Int, Kind::Int, Kind::Text]),
-            Backend::Postgres => ("EXPLAIN", &[Kind::Text]),
-        };
-        let plan: Vec<String> = tx
-            .rows(sqlx::AssertSqlSafe(format!("{explain} {}", export_select(&whole))), vec![], kinds)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.text(kinds.len() - 1))
-            .collect();
-        let plan = plan.join("\n");
+        let plan = query_plan(&mut tx, &export_select(&whole), vec![]).await;
         let walks = match backend {
             Backend::Sqlite => plan.contains("USING INDEX ledger_time") && !plan.contains("TEMP B-TREE"),
             Backend::Postgres => plan.contains("Index Scan using ledger_time ") && !plan.contains("Sort"),

@@ -186,3 +186,15 @@ pub async fn assert_export_matches_records(b: &Billing, backend: &str) {
     }
     assert!(n > 0, "{backend}: nothing exported");
 }
+
+/// The plan of `sql` as the database shows it, one line per step: SQLite's `EXPLAIN QUERY PLAN`
+/// details, PostgreSQL's `EXPLAIN` lines.
+pub async fn query_plan(tx: &mut billrun::store::db::Tx, sql: &str, args: Vec<billrun::store::db::Val>) -> String {
+    use billrun::store::db::{Backend, Kind};
+    let (explain, kinds): (&str, &[Kind]) = match tx.backend() {
+        Backend::Sqlite => ("EXPLAIN QUERY PLAN", &[Kind::Int, Kind::Int, Kind::Int, Kind::Text]),
+        Backend::Postgres => ("EXPLAIN", &[Kind::Text]),
+    };
+    let rows = tx.rows(sqlx::AssertSqlSafe(format!("{explain} {sql}")), args, kinds).await.unwrap();
+    rows.iter().map(|r| r.text(kinds.len() - 1)).collect::<Vec<_>>().join("\n")
+}
