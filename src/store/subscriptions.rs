@@ -277,7 +277,7 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
     // the balances it may move, locked in id order on PostgreSQL until it commits
     let books = crate::store::world::lock_books_in_order(
         &mut tx,
-        "id IN (SELECT account_id FROM resources WHERE mode <> 'pay_per_use' UNION SELECT account_id FROM arrears_periods)",
+        "SELECT account_id FROM resources WHERE mode <> 'pay_per_use' UNION SELECT account_id FROM arrears_periods",
         vec![],
     )
     .await?;

@@ -540,27 +540,27 @@ pub(crate) async fn account(tx: &mut Tx, id: &str) -> Result<Option<Account>> {
 /// The accounts whose id the subquery `ids` selects, as books to charge: on PostgreSQL locked in
 /// id order until the transaction ends (their balances are about to move).
 pub(crate) async fn lock_books(tx: &mut Tx, ids: &str, args: Vec<Val>) -> Result<std::collections::HashMap<String, AccountBook>> {
-    Ok(read_books(tx, &format!("id IN ({ids})"), args, false)
+    Ok(read_books(tx, ids, args, false)
         .await?
         .into_iter()
         .map(|b| (b.account.id.clone(), b))
         .collect())
 }
 
-/// The accounts that meet `which` (a condition on `accounts`), as books to charge in the database's
-/// order of account ids; on PostgreSQL locked until the transaction ends.
-pub(crate) async fn lock_books_in_order(tx: &mut Tx, which: &str, args: Vec<Val>) -> Result<Vec<AccountBook>> {
-    read_books(tx, which, args, true).await
+/// [`lock_books`], in the database's order of account ids.
+pub(crate) async fn lock_books_in_order(tx: &mut Tx, ids: &str, args: Vec<Val>) -> Result<Vec<AccountBook>> {
+    read_books(tx, ids, args, true).await
 }
 
-async fn read_books(tx: &mut Tx, which: &str, args: Vec<Val>, in_order: bool) -> Result<Vec<AccountBook>> {
+async fn read_books(tx: &mut Tx, ids: &str, args: Vec<Val>, in_order: bool) -> Result<Vec<AccountBook>> {
     let lock = match (tx.backend(), in_order) {
         (super::db::Backend::Postgres, _) => "ORDER BY id FOR UPDATE",
         (super::db::Backend::Sqlite, true) => "ORDER BY id",
         (super::db::Backend::Sqlite, false) => "",
     };
-    let sql = format!("SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE {which} {lock}");
-    // `which` is SQL written in this crate, with numbered placeholders for `args`
+    let sql =
+        format!("SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id IN ({ids}) {lock}");
+    // `ids` is SQL written in this crate, with numbered placeholders for `args`
     Ok(tx
         .rows(sqlx::AssertSqlSafe(sql), args, ACCOUNT_KINDS)
         .await?
