@@ -897,22 +897,7 @@ async fn the_export_walks_the_time_index_without_statistics() {
         };
         let mut tx = b.db.begin().await.unwrap();
         // a ledger of some size, written and never analyzed (as right after a big hour)
-        let numbers = match backend {
-            Backend::Sqlite => "WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < 20000) SELECT i FROM g",
-            Backend::Postgres => "SELECT i FROM generate_series(1, 20000) AS g(i)",
-        };
-        tx.exec(
-            sqlx::AssertSqlSafe(format!(
-                "INSERT INTO ledger (transaction_id, transaction_time, account_id, resource_id, product, plan_id, billing_mode, \
-                 transaction_type, period_start, period_end, quantity, unit_price, list_amount, truncated_amount, amount_due, \
-                 paid_amount, arrears_amount, balance_after, currency, line_key, revision, run_job, run_at, explain) \
-                 SELECT 'tx_' || i, 1704067200 + i * 60, 'a' || (i % 97), 'r' || i, 'ecs', 'p', 'pay_per_use', 'usage', 0, 60, \
-                 1, 1, 1, 1, 1, 1, 0, 0, 'USD', 'k' || i, 1, 'settle', 0, '{{}}' FROM ({numbers}) AS n"
-            )),
-            vec![],
-        )
-        .await
-        .unwrap();
+        insert_minute_lines(&mut tx, 20_000).await;
         if backend == Backend::Postgres {
             for set in pg_export_settings(&whole) {
                 tx.exec(*set, vec![]).await.unwrap();
@@ -930,6 +915,62 @@ async fn the_export_walks_the_time_index_without_statistics() {
             ..whole
         };
         assert!(pg_export_settings(&one).is_empty(), "an account's export is planned as usual");
+        b.db.close().await;
+    })
+    .await;
+}
+
+/// Writes `n` one-minute usage lines straight into the ledger: `tx_<i>` at 2024-01-01 + i minutes,
+/// over 97 accounts.
+async fn insert_minute_lines(tx: &mut billrun::store::db::Tx, n: i64) {
+    use billrun::store::db::Backend;
+    let numbers = match tx.backend() {
+        Backend::Sqlite => format!("WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < {n}) SELECT i FROM g"),
+        Backend::Postgres => format!("SELECT i FROM generate_series(1, {n}) AS g(i)"),
+    };
+    tx.exec(
+        sqlx::AssertSqlSafe(format!(
+            "INSERT INTO ledger (transaction_id, transaction_time, account_id, resource_id, product, plan_id, billing_mode, \
+             transaction_type, billing_item, period_start, period_end, usage_seconds, quantity, unit_price, list_amount, \
+             truncated_amount, amount_due, paid_amount, arrears_amount, balance_after, currency, line_key, revision, run_job, \
+             run_at, explain) \
+             SELECT 'tx_' || i, 1704067200 + i * 60, 'a' || (i % 97), 'r' || i, 'ecs', 'p', 'pay_per_use', 'usage', 'instance', \
+             0, 60, 60, 1, 0.36, 0.006, 0.006, 0, 0, 0, 10.00, 'USD', 'k' || i, 1, 'settle', 0, '{{}}' FROM ({numbers}) AS n"
+        )),
+        vec![],
+    )
+    .await
+    .unwrap();
+}
+
+/// An export many times larger than what its reader hands over at once (PostgreSQL's COPY
+/// buffers, SQLite's row batches) has every line once, whole, in order.
+#[tokio::test]
+async fn a_large_export_has_every_line_once_in_order() {
+    on_each_backend(async |be| {
+        let b = be.open("UTC").await;
+        let mut tx = b.db.begin().await.unwrap();
+        insert_minute_lines(&mut tx, 30_000).await;
+        tx.commit().await.unwrap();
+        // a reader that handed a row over more than once could run for hours: fail instead
+        let text = tokio::time::timeout(std::time::Duration::from_secs(60), csv(&b))
+            .await
+            .unwrap_or_else(|_| panic!("{}: the export of 30,000 lines took over 60 s", be.name));
+        assert!(text.len() > 4_000_000, "{}: {} bytes", be.name, text.len());
+        let lines: Vec<&str> = text.split_terminator("\r\n").collect();
+        assert_eq!(lines.len(), 30_001, "{}", be.name);
+        for (i, line) in lines[1..].iter().enumerate() {
+            let i = i as i64 + 1;
+            let at = billrun::billing::zone::BillingZone::parse("UTC")
+                .unwrap()
+                .format(1704067200 + i * 60);
+            let expected = format!(
+                "tx_{i},{at},a{},r{i},ecs,p,pay_per_use,usage,instance,1970-01-01T00:00:00Z,1970-01-01T00:01:00Z,60,1,0.36,\
+                 0.006,0.006,0.00,0.00,0.00,10.00,USD",
+                i % 97
+            );
+            assert_eq!(*line, expected, "{}: line {i}", be.name);
+        }
         b.db.close().await;
     })
     .await;

@@ -272,8 +272,8 @@ pub fn export_select(f: &ExportFilter) -> String {
 /// one at a time across its worker thread, ~10 µs a row), so the rows are read with the least
 /// per-row work each backend allows: on SQLite a read-only rusqlite connection to the same file
 /// (WAL: readers never block the writer) stepping one prepared statement on a thread of its own,
-/// in batches the calling thread formats; on PostgreSQL `COPY (SELECT ...) TO STDOUT`, parsed
-/// from the text format.
+/// in batches the calling thread formats; on PostgreSQL `COPY (SELECT ...) TO STDOUT` received
+/// by a task of its own, parsed from the text format by the calling task.
 pub async fn stream_export_rows(db: &Db, f: &ExportFilter, mut each: impl FnMut(&[Cell]) -> Result<()>) -> Result<u64> {
     if f.account.as_deref().is_some_and(|a| a.contains('\0')) {
         anyhow::bail!("ACCOUNT: contains a NUL character");
@@ -288,9 +288,7 @@ pub async fn stream_export_rows(db: &Db, f: &ExportFilter, mut each: impl FnMut(
             for set in pg_export_settings(f) {
                 sqlx::query(*set).execute(&mut *tx).await?;
             }
-            let n = pg_export_rows(&mut tx, &export_select(f), &mut each).await?;
-            tx.commit().await?;
-            Ok(n)
+            pg_export_rows(tx, export_select(f), &mut each).await
         }
     }
 }
@@ -419,31 +417,85 @@ fn read_export_batches(
     Ok(())
 }
 
-async fn pg_export_rows(conn: &mut sqlx::PgConnection, select: &str, each: &mut impl FnMut(&[Cell]) -> Result<()>) -> Result<u64> {
+/// How much of COPY's output the receiving task gathers before handing it to the formatter.
+const COPY_BUFFER: usize = 256 * 1024;
+
+/// On PostgreSQL the export is two tasks, as on SQLite two threads: a spawned task receives COPY's
+/// output (one protocol message per row) into large buffers and commits the read transaction at
+/// the end; the calling task splits them into rows and formats. Receiving and formatting each cost
+/// about as much as the server's own work, so on one task the client was the bound. Whichever side
+/// fails stops the other, and the export fails: a COPY that broke off is an error even when every
+/// row that arrived was written.
+async fn pg_export_rows(
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    select: String,
+    each: &mut impl FnMut(&[Cell]) -> Result<()>,
+) -> Result<u64> {
     use futures_util::StreamExt;
-    let mut stream = conn.copy_out_raw(&format!("COPY ({select}) TO STDOUT")).await?;
-    let mut rows = CopyTextRows::default();
-    let mut pending: Vec<u8> = Vec::new();
-    let mut n = 0;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        // a chunk is usually one whole row; rows cut across chunks are joined first
-        let data: &[u8] = if pending.is_empty() {
-            &chunk
-        } else {
-            pending.extend_from_slice(&chunk);
-            &pending
-        };
-        let mut done = 0;
-        while let Some(end) = data[done..].iter().position(|&b| b == b'\n') {
-            rows.parse(&data[done..done + end], each)?;
-            done += end + 1;
-            n += 1;
+    use tokio::sync::mpsc;
+    let (full_tx, full_rx) = mpsc::channel::<Vec<u8>>(4);
+    let (empty_tx, mut empty_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let reader = tokio::spawn(async move {
+        {
+            let mut stream = tx.copy_out_raw(&format!("COPY ({select}) TO STDOUT")).await?;
+            let mut buf = Vec::with_capacity(COPY_BUFFER);
+            while let Some(chunk) = stream.next().await {
+                buf.extend_from_slice(&chunk?);
+                if buf.len() >= COPY_BUFFER {
+                    let mut next = empty_rx.try_recv().unwrap_or_else(|_| Vec::with_capacity(COPY_BUFFER));
+                    next.clear();
+                    if full_tx.send(std::mem::replace(&mut buf, next)).await.is_err() {
+                        return Ok(()); // the formatter stopped; its error is the one reported
+                    }
+                }
+            }
+            if !buf.is_empty() && full_tx.send(buf).await.is_err() {
+                return Ok(());
+            }
         }
-        let rest = data[done..].to_vec();
-        pending = rest;
+        tx.commit().await?;
+        anyhow::Ok(())
+    });
+    let formatted = format_copy_buffers(full_rx, &empty_tx, each).await;
+    let read = reader.await.map_err(|e| anyhow::anyhow!("the ledger's COPY reader failed: {e}"))?;
+    let n = formatted?;
+    read?;
+    Ok(n)
+}
+
+/// Splits COPY's output, as the receiving task buffered it, into rows for `each`; rows cut across
+/// two buffers are joined first. Spent buffers go back to the receiver to fill again.
+async fn format_copy_buffers(
+    mut full: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    empty: &tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    each: &mut impl FnMut(&[Cell]) -> Result<()>,
+) -> Result<u64> {
+    let mut rows = CopyTextRows::default();
+    let mut carry: Vec<u8> = Vec::new();
+    let mut n = 0;
+    while let Some(buf) = full.recv().await {
+        let mut data = &buf[..];
+        if !carry.is_empty() {
+            let Some(end) = memchr::memchr(b'\n', data) else {
+                carry.extend_from_slice(data);
+                continue;
+            };
+            carry.extend_from_slice(&data[..end]);
+            rows.parse(&carry, each)?;
+            n += 1;
+            carry.clear();
+            data = &data[end + 1..];
+        }
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', data) {
+            rows.parse(&data[start..end], each)?;
+            n += 1;
+            start = end + 1;
+        }
+        carry.extend_from_slice(&data[start..]);
+        let _ = empty.send(buf); // the receiver may have finished: then the buffer is dropped
     }
-    if !pending.is_empty() {
+    if !carry.is_empty() {
         anyhow::bail!("the ledger's COPY output ended inside a row");
     }
     Ok(n)
@@ -461,26 +513,32 @@ impl CopyTextRows {
         let line = std::str::from_utf8(line).context("COPY output is not UTF-8")?;
         let mut fields = [""; 32];
         let mut width = 0;
-        for field in line.split('\t') {
-            *fields.get_mut(width).context("a COPY row has too many fields")? = field;
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\t', line.as_bytes()).chain([line.len()]) {
+            // a tab is ASCII, so both ends are character boundaries
+            *fields.get_mut(width).context("a COPY row has too many fields")? = &line[start..end];
             width += 1;
+            start = end + 1;
         }
-        if self.decoded.len() < width {
-            self.decoded.resize(width, String::new());
-        }
-        for (field, buf) in fields[..width].iter().zip(self.decoded.iter_mut()) {
-            if field.contains('\\') && *field != "\\N" {
-                unescape_copy_text(field, buf)?;
+        let escaped = memchr::memchr(b'\\', line.as_bytes()).is_some();
+        if escaped {
+            if self.decoded.len() < width {
+                self.decoded.resize(width, String::new());
+            }
+            for (field, buf) in fields[..width].iter().zip(self.decoded.iter_mut()) {
+                if *field != "\\N" && field.contains('\\') {
+                    unescape_copy_text(field, buf)?;
+                }
             }
         }
         let mut cells = [Cell::Null; 32];
         for (i, field) in fields[..width].iter().enumerate() {
-            cells[i] = if *field == "\\N" {
-                Cell::Null
-            } else if field.contains('\\') {
-                Cell::Text(&self.decoded[i])
-            } else {
+            cells[i] = if !escaped || !field.contains('\\') {
                 Cell::Text(field)
+            } else if *field == "\\N" {
+                Cell::Null
+            } else {
+                Cell::Text(&self.decoded[i])
             };
         }
         each(&cells[..width])
@@ -616,6 +674,33 @@ mod tests {
         );
         assert_eq!(Cell::Text("-5").int().unwrap(), Some(-5));
         assert!(Cell::Text("x").int().is_err());
+    }
+
+    /// COPY's output in buffers cut anywhere: rows across two or three buffers are joined, spent
+    /// buffers go back, and output that ends inside a row is an error.
+    #[tokio::test]
+    async fn copy_buffers_are_split_into_rows() {
+        let parts: [&[u8]; 6] = [b"a\tb\nc", b"\td", b"\n", b"e\tf\ng\th\ni", b"\tj\n", b"k"];
+        let (full_tx, full_rx) = tokio::sync::mpsc::channel(8);
+        let (empty_tx, mut empty_rx) = tokio::sync::mpsc::unbounded_channel();
+        for p in parts {
+            full_tx.send(p.to_vec()).await.unwrap();
+        }
+        drop(full_tx);
+        let mut got = Vec::new();
+        let err = format_copy_buffers(full_rx, &empty_tx, &mut |cells| {
+            got.push(cells.iter().map(|c| c.text().unwrap().to_string()).collect::<Vec<_>>().join(","));
+            Ok(())
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(got, ["a,b", "c,d", "e,f", "g,h", "i,j"]);
+        assert_eq!(err.to_string(), "the ledger's COPY output ended inside a row");
+        let mut returned = 0;
+        while empty_rx.try_recv().is_ok() {
+            returned += 1;
+        }
+        assert_eq!(returned, 5, "every buffer but the one that only continued a row");
     }
 
     #[test]
