@@ -961,9 +961,7 @@ async fn a_large_export_has_every_line_once_in_order() {
         assert_eq!(lines.len(), 30_001, "{}", be.name);
         for (i, line) in lines[1..].iter().enumerate() {
             let i = i as i64 + 1;
-            let at = billrun::billing::zone::BillingZone::parse("UTC")
-                .unwrap()
-                .format(1704067200 + i * 60);
+            let at = b.zone.format(1704067200 + i * 60);
             let expected = format!(
                 "tx_{i},{at},a{},r{i},ecs,p,pay_per_use,usage,instance,1970-01-01T00:00:00Z,1970-01-01T00:01:00Z,60,1,0.36,\
                  0.006,0.006,0.00,0.00,0.00,10.00,USD",
