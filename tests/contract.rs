@@ -361,7 +361,7 @@ async fn ledger_migration_keeps_every_row() {
                     FROM ledger ORDER BY seq";
         let kinds = [Kind::Int, Kind::Text, Kind::Int, Kind::Money, Kind::Money, Kind::Money, Kind::Money, Kind::Text, Kind::Int, Kind::Text];
         let before: Vec<String> = db.rows(dump, vec![], &kinds).await.unwrap().iter().map(|r| format!("{:?}", r.0)).collect();
-        assert_eq!(migrate(&db).await.unwrap(), 11, "{}", be.name);
+        assert_eq!(migrate(&db).await.unwrap(), 12, "{}", be.name);
         if be.name == "postgres" {
             // room on each page for balance (migration 9) and subscription (11) updates to stay HOT
             for (table, fill) in [("accounts", "fillfactor=50"), ("resources", "fillfactor=80")] {
@@ -915,6 +915,126 @@ async fn the_export_walks_the_time_index_without_statistics() {
             ..whole
         };
         assert!(pg_export_settings(&one).is_empty(), "an account's export is planned as usual");
+        b.db.close().await;
+    })
+    .await;
+}
+
+/// The jobs' state reads (run before every step: several times for each run of a catch-up) find
+/// the last run done as the first entry of the index of runs done (migration 12), however long
+/// the history and whatever the statistics: before it, PostgreSQL read every run of the job on a
+/// table never analyzed (a bitmap scan; an empty year of catch-up spent 2 of its 5 s there). And
+/// the answer is the last run done however many newer runs are not done.
+#[tokio::test]
+async fn the_last_run_done_is_read_from_the_newest_runs() {
+    use billrun::jobs::{daily, settle};
+    use billrun::store::db::Backend;
+    on_each_backend(async |be| {
+        let b = be.open("UTC").await;
+        let backend = b.db.backend();
+        let h0 = t("2024-01-01T00:00:00Z");
+        let runs = |job: &'static str, from: i64, n: i64, step: i64, outcome: &'static str| -> Vec<Vec<billrun::store::db::Val>> {
+            (0..n).map(|i| vec![job.into(), (from + i * step).into(), outcome.into()]).collect()
+        };
+        let mut tx = b.db.begin().await.unwrap();
+        // a few months of hourly runs done, never analyzed
+        tx.insert_rows(
+            "job_runs",
+            &["job", "scheduled_at", "outcome"],
+            runs("settle", h0, 3_000, 3_600, "ok"),
+            "",
+        )
+        .await
+        .unwrap();
+        let plan = query_plan(&mut tx, settle::STATE_SQL, vec!["settle".into()]).await;
+        let from_newest = match backend {
+            Backend::Sqlite => plan.contains("SEARCH job_runs USING COVERING INDEX job_runs_done (job=?)") && !plan.contains("TEMP B-TREE"),
+            Backend::Postgres => plan.contains("Index Only Scan Backward using job_runs_done on job_runs"),
+        };
+        assert!(from_newest, "{}: the settle state's plan\n{plan}", be.name);
+        tx.commit().await.unwrap();
+        let last_done = h0 + 2_999 * 3_600;
+        assert_eq!(settle::state(&b.db).await.unwrap().last_run, Some(last_done), "{}", be.name);
+
+        // newer runs not done: the one being claimed, then more than the newest few read first
+        let mut tx = b.db.begin().await.unwrap();
+        tx.insert_rows(
+            "job_runs",
+            &["job", "scheduled_at", "outcome"],
+            runs("settle", last_done + 3_600, 1, 3_600, "running"),
+            "",
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            settle::state(&b.db).await.unwrap().last_run,
+            Some(last_done),
+            "{}: one run claimed",
+            be.name
+        );
+        let mut tx = b.db.begin().await.unwrap();
+        for (i, outcome) in ["running", "chunked", "failed"].into_iter().enumerate() {
+            let from = last_done + (2 + 4 * i as i64) * 3_600;
+            tx.insert_rows(
+                "job_runs",
+                &["job", "scheduled_at", "outcome"],
+                runs("settle", from, 4, 3_600, outcome),
+                "",
+            )
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+        assert_eq!(
+            settle::state(&b.db).await.unwrap().last_run,
+            Some(last_done),
+            "{}: 13 newer runs not done",
+            be.name
+        );
+        let mut tx = b.db.begin().await.unwrap();
+        tx.insert_rows(
+            "job_runs",
+            &["job", "scheduled_at", "outcome"],
+            runs("settle", last_done + 20 * 3_600, 1, 3_600, "ok"),
+            "",
+        )
+        .await
+        .unwrap();
+        // the daily job's own runs: done on the 5th, the 6th's being claimed
+        let d0 = t("2024-01-05T00:03:00Z");
+        tx.insert_rows(
+            "job_runs",
+            &["job", "scheduled_at", "outcome"],
+            runs("daily", d0 - 4 * 86_400, 5, 86_400, "ok"),
+            "",
+        )
+        .await
+        .unwrap();
+        tx.insert_rows(
+            "job_runs",
+            &["job", "scheduled_at", "outcome"],
+            runs("daily", d0 + 86_400, 10, 86_400, "running"),
+            "",
+        )
+        .await
+        .unwrap();
+        let plan = query_plan(&mut tx, daily::NEXT_DUE_SQL, vec!["daily".into()]).await;
+        assert!(plan.contains("job_runs_done"), "{}: the daily state's plan\n{plan}", be.name);
+        tx.commit().await.unwrap();
+        assert_eq!(
+            settle::state(&b.db).await.unwrap().last_run,
+            Some(last_done + 20 * 3_600),
+            "{}",
+            be.name
+        );
+        let cron = billrun::jobs::cron::CronSchedule::default_daily();
+        assert_eq!(
+            daily::next_due(&b.db, &b.zone, &cron).await.unwrap(),
+            Some(d0 + 86_400),
+            "{}: the daily run after the last one done",
+            be.name
+        );
         b.db.close().await;
     })
     .await;

@@ -15,14 +15,15 @@ pub fn next_run(zone: &BillingZone, cron: &CronSchedule, last_run: Option<i64>, 
     }
 }
 
+/// The last daily run done and the earliest resource; `$1` is the job.
+pub const NEXT_DUE_SQL: &str = concat!(
+    "SELECT ",
+    crate::store::runs::last_done_run!(),
+    ", (SELECT MIN(created_at) FROM resources)"
+);
+
 pub async fn next_due(db: &Db, zone: &BillingZone, cron: &CronSchedule) -> Result<Option<i64>> {
-    let r = db
-        .rows(
-            "SELECT (SELECT MAX(scheduled_at) FROM job_runs WHERE job = $1 AND outcome = 'ok'), (SELECT MIN(created_at) FROM resources)",
-            vec![DAILY_JOB.into()],
-            &[Kind::Int, Kind::Int],
-        )
-        .await?;
+    let r = db.rows(NEXT_DUE_SQL, vec![DAILY_JOB.into()], &[Kind::Int, Kind::Int]).await?;
     Ok(next_run(zone, cron, r[0].opt_int(0), r[0].opt_int(1)))
 }
 

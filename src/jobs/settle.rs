@@ -67,19 +67,25 @@ pub fn hours_due(zone: &BillingZone, sched: &Schedule, st: &SettleState, at: i64
     out
 }
 
-/// The job's stored state. The earliest usage only counts before the first run (see [`next_run`],
-/// [`hours_due`]), and finding it reads every pay-per-use resource (0.1-0.2 s at 1M, twice a
-/// tick), so it is read only while there is no run or no watermark yet.
+/// The settle job's state in one row: the last run done, the watermark and, only while there is
+/// no run or no watermark yet, the earliest pay-per-use usage (finding it reads every pay-per-use
+/// resource: 0.1-0.2 s at 1M, several times a tick). `$1` is the job.
+pub const STATE_SQL: &str = concat!(
+    // materialized: a subquery in FROM is merged into the outer query, which then plans and runs
+    // each of its expressions once per reference
+    "WITH r AS MATERIALIZED (SELECT ",
+    crate::store::runs::last_done_run!(),
+    " AS last_run, (SELECT watermark FROM job_state WHERE job = $1) AS watermark) \
+     SELECT r.last_run, r.watermark, CASE WHEN r.last_run IS NULL OR r.watermark IS NULL THEN \
+     (SELECT MIN(CASE WHEN ppu_from IS NULL THEN created_at ELSE ppu_from END) FROM resources WHERE mode = 'pay_per_use' OR ppu_from IS NOT NULL) END \
+     FROM r"
+);
+
+/// The job's stored state (see [`STATE_SQL`]; the earliest usage only counts before the first
+/// run: [`next_run`], [`hours_due`]).
 pub async fn state(db: &Db) -> Result<SettleState> {
     let r = db
-        .rows(
-            "SELECT r.last_run, r.watermark, CASE WHEN r.last_run IS NULL OR r.watermark IS NULL THEN \
-             (SELECT MIN(CASE WHEN ppu_from IS NULL THEN created_at ELSE ppu_from END) FROM resources WHERE mode = 'pay_per_use' OR ppu_from IS NOT NULL) END \
-             FROM (SELECT (SELECT MAX(scheduled_at) FROM job_runs WHERE job = $1 AND outcome = 'ok') AS last_run, \
-             (SELECT watermark FROM job_state WHERE job = $1) AS watermark) AS r",
-            vec![SETTLE_JOB.into()],
-            &[Kind::Int, Kind::Int, Kind::Int],
-        )
+        .rows(STATE_SQL, vec![SETTLE_JOB.into()], &[Kind::Int, Kind::Int, Kind::Int])
         .await?;
     let r = &r[0];
     Ok(SettleState {

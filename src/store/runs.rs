@@ -201,6 +201,15 @@ pub(crate) async fn open(tx: &mut Tx, c: &Claim, plan: &str) -> Result<()> {
     Ok(())
 }
 
+/// SQL (a string literal, for `concat!`) for the instant of the last run of job `$1` recorded as
+/// done, NULL if none: the first entry of the index of runs done (migration 12), read backwards.
+macro_rules! last_done_run {
+    () => {
+        "(SELECT scheduled_at FROM job_runs WHERE job = $1 AND outcome = 'ok' ORDER BY scheduled_at DESC LIMIT 1)"
+    };
+}
+pub(crate) use last_done_run;
+
 /// Whether a run is recorded as done.
 pub async fn is_done(db: &Db, job: &str, at: i64) -> Result<bool> {
     let r = db

@@ -17,6 +17,7 @@ const SQLITE: &[(i64, &str)] = &[
     (9, include_str!("../../sql/sqlite/0009_accounts_fillfactor.sql")),
     (10, include_str!("../../sql/sqlite/0010_chunk_buckets.sql")),
     (11, include_str!("../../sql/sqlite/0011_resources_fillfactor.sql")),
+    (12, include_str!("../../sql/sqlite/0012_job_runs_done.sql")),
 ];
 const POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../sql/postgres/0001_foundation.sql")),
@@ -30,6 +31,7 @@ const POSTGRES: &[(i64, &str)] = &[
     (9, include_str!("../../sql/postgres/0009_accounts_fillfactor.sql")),
     (10, include_str!("../../sql/postgres/0010_chunk_buckets.sql")),
     (11, include_str!("../../sql/postgres/0011_resources_fillfactor.sql")),
+    (12, include_str!("../../sql/postgres/0012_job_runs_done.sql")),
 ];
 
 /// Brings the schema up to date. Concurrent starts are serialised by a lock on `meta`.
