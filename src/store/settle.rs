@@ -361,6 +361,18 @@ pub(crate) async fn lock_horizon(tx: &mut Tx, exclusive: bool) -> Result<()> {
         .await?;
         return Ok(());
     }
+    // uncontended (nearly always): taken in one statement; SKIP LOCKED returns no row instead of
+    // waiting or failing when a load holds the lock
+    let taken = tx
+        .rows(
+            "SELECT value FROM meta WHERE key = 'settle_plan_lock' FOR UPDATE SKIP LOCKED",
+            vec![],
+            &[Kind::Text],
+        )
+        .await?;
+    if !taken.is_empty() {
+        return Ok(());
+    }
     let previous = tx.rows("SELECT current_setting('lock_timeout')", vec![], &[Kind::Text]).await?[0].text(0);
     tx.exec(
         sqlx::AssertSqlSafe(format!("SET LOCAL lock_timeout = '{PLAN_LOCK_WARN_SECONDS}s'")),
