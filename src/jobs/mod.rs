@@ -29,16 +29,38 @@ impl JobRun {
     }
 }
 
+/// Both jobs' next runs, and the settle job's state they come from (read once a step).
+struct Due {
+    settle_state: settle::SettleState,
+    settle: Option<i64>,
+    daily: Option<i64>,
+}
+
+impl Due {
+    async fn read(db: &Db, zone: &BillingZone, sched: &settle::Schedule) -> Result<Due> {
+        let settle_state = settle::state(db).await?;
+        Ok(Due {
+            settle: settle::next_run(zone, sched, &settle_state),
+            daily: daily::next_due(db, zone, &sched.daily_cron).await?,
+            settle_state,
+        })
+    }
+
+    /// The earliest run across jobs, in scheduled-time order (settle first on a tie): (is it the
+    /// settle job's, when).
+    fn first(&self) -> Option<(bool, i64)> {
+        match (self.settle, self.daily) {
+            (Some(s), Some(d)) if d < s => Some((false, d)),
+            (Some(s), _) => Some((true, s)),
+            (None, Some(d)) => Some((false, d)),
+            (None, None) => None,
+        }
+    }
+}
+
 /// The earliest run due by `now` across jobs, in scheduled-time order (settle first on a tie).
 pub async fn next_due(db: &Db, zone: &BillingZone, sched: &settle::Schedule) -> Result<Option<(bool, i64)>> {
-    let s = settle::next_due(db, zone, sched).await?;
-    let d = daily::next_due(db, zone, &sched.daily_cron).await?;
-    Ok(match (s, d) {
-        (Some(s), Some(d)) if d < s => Some((false, d)),
-        (Some(s), _) => Some((true, s)),
-        (None, Some(d)) => Some((false, d)),
-        (None, None) => None,
-    })
+    Ok(Due::read(db, zone, sched).await?.first())
 }
 
 /// What one step of a catch-up did.
@@ -63,14 +85,15 @@ pub enum Step {
 /// lease of `lease_seconds` (renewed while it works), does it in one transaction, and on failure
 /// gives the claim back so that another runner can retry at once.
 pub async fn step(db: &Db, zone: &BillingZone, sched: &settle::Schedule, lease_seconds: i64, now: i64) -> Result<Step> {
-    let Some((is_settle, at)) = next_due(db, zone, sched).await? else {
+    let due = Due::read(db, zone, sched).await?;
+    let Some((is_settle, at)) = due.first() else {
         return Ok(Step::Idle);
     };
     if at > now {
         return Ok(Step::Idle);
     }
     if is_settle {
-        return settle_step(db, zone, sched, lease_seconds, now, at).await;
+        return settle_step(db, zone, sched, lease_seconds, now, at, &due).await;
     }
     let claim = match runs::claim(db, DAILY_JOB, at, lease_seconds).await? {
         ClaimResult::Claimed(c) => c,
@@ -115,13 +138,21 @@ pub async fn step(db: &Db, zone: &BillingZone, sched: &settle::Schedule, lease_s
 
 /// The settle run at `at`: recorded together with the empty runs after it if there is nothing to
 /// settle, else planned (or joined) and settled chunk by chunk.
-async fn settle_step(db: &Db, zone: &BillingZone, sched: &settle::Schedule, lease_seconds: i64, now: i64, at: i64) -> Result<Step> {
+async fn settle_step(
+    db: &Db,
+    zone: &BillingZone,
+    sched: &settle::Schedule,
+    lease_seconds: i64,
+    now: i64,
+    at: i64,
+    due: &Due,
+) -> Result<Step> {
     // settle runs before the next daily run with nothing to settle are recorded together
-    let bound = match daily::next_due(db, zone, &sched.daily_cron).await? {
+    let bound = match due.daily {
         Some(d) => now.min(d - 1),
         None => now,
     };
-    let n = settle::run_empty_span(db, zone, sched, bound).await?;
+    let n = settle::run_empty_span(db, zone, sched, &due.settle_state, bound).await?;
     if n > 0 {
         return Ok(Step::Ran(
             at,

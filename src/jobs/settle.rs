@@ -128,9 +128,11 @@ pub fn runs_through(zone: &BillingZone, sched: &Schedule, st: &SettleState, unti
 
 /// Records every run due through `until` at once if none of them has anything to settle (an idle
 /// night, an empty year of catch-up). Returns how many runs it recorded (0: not applicable).
-pub async fn run_empty_span(db: &Db, zone: &BillingZone, sched: &Schedule, until: i64) -> Result<usize> {
-    let st = state(db).await?;
-    let runs = runs_through(zone, sched, &st, until);
+///
+/// `st` is the state this step read: if another runner has recorded any of these runs since, the
+/// whole span is refused (nothing recorded) and the step goes on from the stored state.
+pub async fn run_empty_span(db: &Db, zone: &BillingZone, sched: &Schedule, st: &SettleState, until: i64) -> Result<usize> {
+    let runs = runs_through(zone, sched, st, until);
     if runs.len() < 2 || runs.iter().any(|(_, h)| h.is_empty()) {
         return Ok(0);
     }
@@ -139,11 +141,6 @@ pub async fn run_empty_span(db: &Db, zone: &BillingZone, sched: &Schedule, until
     } else {
         0
     })
-}
-
-/// The instant the next run is due, if any.
-pub async fn next_due(db: &Db, zone: &BillingZone, sched: &Schedule) -> Result<Option<i64>> {
-    Ok(next_run(zone, sched, &state(db).await?))
 }
 
 #[cfg(test)]
