@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use billrun::app::Billing;
 use billrun::billing::zone::BillingZone;
 use billrun::config::Config;
-use billrun::store::db::{Db, Val};
+use billrun::store::db::{Db, Kind, Val};
 use billrun::store::ledger::{self, ExportFilter};
 use serde_json::{json, Value};
 use std::io::Write;
@@ -82,12 +82,15 @@ fn main() -> Result<()> {
             }
             let db = rt.block_on(target.fresh(work.path(), &format!("settle{n}")))?;
             let load = run_child(&["load", &db.url, doc.to_str().unwrap()])?;
+            checkpoint(&db.url)?;
             let settle = run_child(&["tick", &db.url, &iso(H0 + 2 * HOUR)])?;
             let lines = settle["lines"].as_f64().unwrap_or(0.0);
             let secs = settle["seconds"].as_f64().unwrap_or(f64::NAN);
+            checkpoint(&db.url)?;
             let raw = run_child(&["raw", &db.url, &(lines as usize).to_string()])?;
             let raw_rate = raw["rows_per_s"].as_f64().unwrap_or(f64::NAN);
             let export_file = work.path().join(format!("bills-{name}-{n}.csv"));
+            checkpoint(&db.url)?;
             let export = run_child(&["export", &db.url, export_file.to_str().unwrap()])?;
             println!(
                 "{name:8} N={n:>9}: load {:.1} s | one hour settled: {} lines in {:.2} s = {:.0} lines/s, peak RSS {:.0} MiB | \
@@ -143,6 +146,7 @@ fn main() -> Result<()> {
             }
             let db = rt.block_on(target.fresh(work.path(), "catchup"))?;
             run_child(&["load", &db.url, doc.to_str().unwrap()])?;
+            checkpoint(&db.url)?;
             let c = run_child(&["tick", &db.url, &iso(H0 + 25 * HOUR)])?;
             println!(
                 "{name:8} catch-up of 24 hours, {n} resources: {} lines in {:.2} s ({:.0} lines/s), peak RSS {:.0} MiB",
@@ -167,6 +171,7 @@ fn main() -> Result<()> {
             }
             let db = rt.block_on(target.fresh(work.path(), "daily"))?;
             let load = run_child(&["load", &db.url, doc.to_str().unwrap()])?;
+            checkpoint(&db.url)?;
             let d = run_child(&["daily", &db.url])?;
             println!(
             "{name:8} daily job over {subs} subscriptions: {:.2} s ({} renewals, {} failed attempts, {} transitions, {} alerts), load {:.1} s",
@@ -198,6 +203,7 @@ fn main() -> Result<()> {
         )?;
         let db = rt.block_on(target.fresh(work.path(), "year"))?;
         run_child(&["load", &db.url, doc.to_str().unwrap()])?;
+        checkpoint(&db.url)?;
         let y = run_child(&["tick", &db.url, &iso(H0 + 365 * DAY + 2 * HOUR)])?;
         println!(
             "{name:8} empty year of catch-up: {} settle runs and {} daily runs in {:.2} s",
@@ -213,6 +219,13 @@ fn main() -> Result<()> {
     }
     println!("{}", json!({"bench": "scale", "quick": quick, "results": results}));
     Ok(())
+}
+
+/// Writes the database's pending pages out before a measured step (PostgreSQL `CHECKPOINT`,
+/// SQLite's WAL into the file), so that a step is not measured while the checkpoint of the load
+/// or step before it is still being written (a 1M-subscription load leaves gigabytes of it).
+fn checkpoint(url: &str) -> Result<()> {
+    run_child(&["checkpoint", url]).map(|_| ())
 }
 
 /// Runs one measured step in a child process; returns what it printed (one JSON object).
@@ -271,6 +284,18 @@ async fn child(args: &[String]) -> Result<Value> {
     let b = open(a(1)).await?;
     let started = Instant::now();
     let mut out = match a(0) {
+        "checkpoint" => {
+            match &b.db {
+                Db::Sqlite(_) => {
+                    b.db.rows("PRAGMA wal_checkpoint(TRUNCATE)", vec![], &[Kind::Int, Kind::Int, Kind::Int])
+                        .await?;
+                }
+                Db::Postgres(_) => {
+                    b.db.exec("CHECKPOINT", vec![]).await?;
+                }
+            }
+            json!({})
+        }
         "load" => {
             let text = std::fs::read_to_string(a(2))?;
             let s = b.load_json(a(2), &text).await?;
