@@ -465,3 +465,40 @@ async fn a_year_in_one_tick_equals_a_year_day_by_day() {
     })
     .await;
 }
+
+/// The daily run reads its subscriptions a batch of accounts at a time, and each batch's read
+/// searches the account index by range. A condition that also allowed "no range" (`$3 = '' OR
+/// account_id >= $3 ...`) kept SQLite from it: every batch walked the whole index (1M
+/// subscriptions, 20 batches: 4.7 of the run's 12.9 s; after: 2.5 s).
+#[tokio::test]
+async fn each_daily_batch_searches_its_accounts_by_range() {
+    use billrun::store::db::Backend;
+    use billrun::store::subscriptions::subscriptions_select;
+    on_each_backend(async |be| {
+        let b = be.open("UTC").await;
+        let backend = b.db.backend();
+        let today = chrono::NaiveDate::from_ymd_opt(2024, 1, 11).unwrap();
+        let (rest, args) = subscriptions_select(
+            backend,
+            None,
+            Some(t("2024-01-11T00:03:00Z")),
+            Some(("acct-0100", "acct-0199")),
+            Some(today),
+        );
+        let mut tx = b.db.begin().await.unwrap();
+        if backend == Backend::Postgres {
+            // an empty table: make the planner show whether it could search the index at all
+            tx.exec("SET LOCAL enable_seqscan = off", vec![]).await.unwrap();
+            tx.exec("SET LOCAL enable_bitmapscan = off", vec![]).await.unwrap();
+        }
+        let plan = query_plan(&mut tx, &format!("SELECT id {rest}"), args).await;
+        let by_range = match backend {
+            Backend::Sqlite => plan.contains("SEARCH resources USING INDEX resources_account (account_id>? AND account_id<?)"),
+            Backend::Postgres => plan.contains("using resources_account on resources") && plan.contains("Index Cond: ((account_id >= "),
+        };
+        assert!(by_range, "{}: a daily batch's read\n{plan}", be.name);
+        tx.rollback().await.unwrap();
+        b.db.close().await;
+    })
+    .await;
+}
