@@ -933,19 +933,9 @@ async fn the_last_run_done_is_read_from_the_newest_runs() {
         let b = be.open("UTC").await;
         let backend = b.db.backend();
         let h0 = t("2024-01-01T00:00:00Z");
-        let runs = |job: &'static str, from: i64, n: i64, step: i64, outcome: &'static str| -> Vec<Vec<billrun::store::db::Val>> {
-            (0..n).map(|i| vec![job.into(), (from + i * step).into(), outcome.into()]).collect()
-        };
         let mut tx = b.db.begin().await.unwrap();
         // a few months of hourly runs done, never analyzed
-        tx.insert_rows(
-            "job_runs",
-            &["job", "scheduled_at", "outcome"],
-            runs("settle", h0, 3_000, 3_600, "ok"),
-            "",
-        )
-        .await
-        .unwrap();
+        insert_runs(&mut tx, "settle", h0, 3_000, 3_600, "ok").await;
         let plan = query_plan(&mut tx, settle::STATE_SQL, vec!["settle".into()]).await;
         let from_newest = match backend {
             Backend::Sqlite => plan.contains("SEARCH job_runs USING COVERING INDEX job_runs_done (job=?)") && !plan.contains("TEMP B-TREE"),
@@ -954,80 +944,30 @@ async fn the_last_run_done_is_read_from_the_newest_runs() {
         assert!(from_newest, "{}: the settle state's plan\n{plan}", be.name);
         tx.commit().await.unwrap();
         let last_done = h0 + 2_999 * 3_600;
-        assert_eq!(settle::state(&b.db).await.unwrap().last_run, Some(last_done), "{}", be.name);
+        let last_run = async || settle::state(&b.db).await.unwrap().last_run;
+        assert_eq!(last_run().await, Some(last_done), "{}", be.name);
 
         // newer runs not done: the one being claimed, then more than the newest few read first
         let mut tx = b.db.begin().await.unwrap();
-        tx.insert_rows(
-            "job_runs",
-            &["job", "scheduled_at", "outcome"],
-            runs("settle", last_done + 3_600, 1, 3_600, "running"),
-            "",
-        )
-        .await
-        .unwrap();
+        insert_runs(&mut tx, "settle", last_done + 3_600, 1, 3_600, "running").await;
         tx.commit().await.unwrap();
-        assert_eq!(
-            settle::state(&b.db).await.unwrap().last_run,
-            Some(last_done),
-            "{}: one run claimed",
-            be.name
-        );
+        assert_eq!(last_run().await, Some(last_done), "{}: one run claimed", be.name);
         let mut tx = b.db.begin().await.unwrap();
         for (i, outcome) in ["running", "chunked", "failed"].into_iter().enumerate() {
-            let from = last_done + (2 + 4 * i as i64) * 3_600;
-            tx.insert_rows(
-                "job_runs",
-                &["job", "scheduled_at", "outcome"],
-                runs("settle", from, 4, 3_600, outcome),
-                "",
-            )
-            .await
-            .unwrap();
+            insert_runs(&mut tx, "settle", last_done + (2 + 4 * i as i64) * 3_600, 4, 3_600, outcome).await;
         }
         tx.commit().await.unwrap();
-        assert_eq!(
-            settle::state(&b.db).await.unwrap().last_run,
-            Some(last_done),
-            "{}: 13 newer runs not done",
-            be.name
-        );
+        assert_eq!(last_run().await, Some(last_done), "{}: 13 newer runs not done", be.name);
         let mut tx = b.db.begin().await.unwrap();
-        tx.insert_rows(
-            "job_runs",
-            &["job", "scheduled_at", "outcome"],
-            runs("settle", last_done + 20 * 3_600, 1, 3_600, "ok"),
-            "",
-        )
-        .await
-        .unwrap();
-        // the daily job's own runs: done on the 5th, the 6th's being claimed
+        insert_runs(&mut tx, "settle", last_done + 20 * 3_600, 1, 3_600, "ok").await;
+        // the daily job's own runs: done through the 5th, the 6th's and later ones being claimed
         let d0 = t("2024-01-05T00:03:00Z");
-        tx.insert_rows(
-            "job_runs",
-            &["job", "scheduled_at", "outcome"],
-            runs("daily", d0 - 4 * 86_400, 5, 86_400, "ok"),
-            "",
-        )
-        .await
-        .unwrap();
-        tx.insert_rows(
-            "job_runs",
-            &["job", "scheduled_at", "outcome"],
-            runs("daily", d0 + 86_400, 10, 86_400, "running"),
-            "",
-        )
-        .await
-        .unwrap();
+        insert_runs(&mut tx, "daily", d0 - 4 * 86_400, 5, 86_400, "ok").await;
+        insert_runs(&mut tx, "daily", d0 + 86_400, 10, 86_400, "running").await;
         let plan = query_plan(&mut tx, daily::NEXT_DUE_SQL, vec!["daily".into()]).await;
         assert!(plan.contains("job_runs_done"), "{}: the daily state's plan\n{plan}", be.name);
         tx.commit().await.unwrap();
-        assert_eq!(
-            settle::state(&b.db).await.unwrap().last_run,
-            Some(last_done + 20 * 3_600),
-            "{}",
-            be.name
-        );
+        assert_eq!(last_run().await, Some(last_done + 20 * 3_600), "{}", be.name);
         let cron = billrun::jobs::cron::CronSchedule::default_daily();
         assert_eq!(
             daily::next_due(&b.db, &b.zone, &cron).await.unwrap(),
@@ -1038,6 +978,14 @@ async fn the_last_run_done_is_read_from_the_newest_runs() {
         b.db.close().await;
     })
     .await;
+}
+
+/// `n` runs of `job`, `step` seconds apart from `from`, with the given outcome.
+async fn insert_runs(tx: &mut billrun::store::db::Tx, job: &str, from: i64, n: i64, step: i64, outcome: &str) {
+    let rows = (0..n).map(|i| vec![job.into(), (from + i * step).into(), outcome.into()]).collect();
+    tx.insert_rows("job_runs", &["job", "scheduled_at", "outcome"], rows, "")
+        .await
+        .unwrap();
 }
 
 /// Writes `n` one-minute usage lines straight into the ledger: `tx_<i>` at 2024-01-01 + i minutes,
