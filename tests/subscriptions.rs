@@ -502,3 +502,27 @@ async fn each_daily_batch_searches_its_accounts_by_range() {
     })
     .await;
 }
+
+/// A command naming no resource acts on none. The subscriptions query used to write "one
+/// resource" as `($1 = '' OR id = $1)`, so `renew ""` matched every subscription and renewed the
+/// first one in account order, charging it; each filter is now a plain comparison.
+#[tokio::test]
+async fn an_empty_resource_id_names_no_subscription() {
+    let doc = format!(
+        r#"{{"accounts": [{{"id": "a", "balance": "5000.00"}}], {PLANS},
+        "resources": [{{"id": "m1", "account": "a", "plan": "phone-pro", "mode": "monthly", "purchased_at": "2024-01-10T10:00:00Z"}}]}}"#
+    );
+    on_each_backend(async |be| {
+        let b = be.open("UTC").await;
+        b.load_json("m.json", &doc).await.unwrap();
+        let before = csv(&b).await;
+        let at = t("2024-01-20T00:00:00Z");
+        assert!(b.renew("", 1, at).await.is_err(), "{}: renew \"\"", be.name);
+        assert!(b.unsubscribe("", at).await.is_err(), "{}: unsubscribe \"\"", be.name);
+        assert!(b.to_ppu("", true, at).await.is_err(), "{}: to-ppu \"\"", be.name);
+        assert_eq!(csv(&b).await, before, "{}: nothing posted", be.name);
+        assert_eq!(state(&b, "m1").await.1.as_deref(), Some("2024-02-10"), "{}", be.name);
+        b.db.close().await;
+    })
+    .await;
+}
