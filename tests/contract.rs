@@ -361,7 +361,7 @@ async fn ledger_migration_keeps_every_row() {
                     FROM ledger ORDER BY seq";
         let kinds = [Kind::Int, Kind::Text, Kind::Int, Kind::Money, Kind::Money, Kind::Money, Kind::Money, Kind::Text, Kind::Int, Kind::Text];
         let before: Vec<String> = db.rows(dump, vec![], &kinds).await.unwrap().iter().map(|r| format!("{:?}", r.0)).collect();
-        assert_eq!(migrate(&db).await.unwrap(), 13, "{}", be.name);
+        assert_eq!(migrate(&db).await.unwrap(), 14, "{}", be.name);
         if be.name == "postgres" {
             // room on each page for balance (migration 9) and subscription (11) updates to stay HOT
             for (table, fill) in [("accounts", "fillfactor=50"), ("resources", "fillfactor=80")] {
@@ -854,24 +854,39 @@ async fn chunk_buckets_agree_in_sql_and_chunks_search_their_indexes() {
         let range = ChunkRange::Keys(Some(&lo), Some(&hi));
         let (cond, args) = range_sql(backend, "account_id", range, 1);
         let resources = format!("SELECT account_id FROM resources WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL){cond}");
-        let (cond, hour_args) = range_sql(backend, "account_id", range, 2);
-        let lines = format!("SELECT seq FROM ledger WHERE hour_start = $1{cond}");
+        // the posted lines: the chunk's id range (current ids), and the partial index of
+        // metered lines posted before migration 10
+        let (lines, hour_args) = billrun::store::ledger::hour_lines_sql(backend, 1_704_880_800, range);
         let mut tx = b.db.begin().await.unwrap();
         if backend == billrun::store::db::Backend::Postgres {
             // empty tables: make the planner show whether it could use an index at all
             tx.exec("SET LOCAL enable_seqscan = off", vec![]).await.unwrap();
             tx.exec("SET LOCAL enable_bitmapscan = off", vec![]).await.unwrap();
         }
-        for (query, args, index) in [
-            (resources, args, "resources_ppu_chunk"),
-            (lines, [vec![0i64.into()], hour_args].concat(), "ledger_hour_chunk"),
+        let id_index = match backend {
+            billrun::store::db::Backend::Sqlite => "sqlite_autoindex_ledger_1",
+            billrun::store::db::Backend::Postgres => "ledger_transaction_id_key",
+        };
+        for (query, args, indexes) in [
+            (resources, args, vec!["resources_ppu_chunk"]),
+            (lines, hour_args, vec![id_index, "ledger_hour_legacy"]),
         ] {
             let plan = query_plan(&mut tx, &query, args).await;
-            let searched = match backend {
-                billrun::store::db::Backend::Sqlite => plan.contains("SEARCH") && plan.contains(&format!("INDEX {index} (")),
-                billrun::store::db::Backend::Postgres => plan.contains(&format!("Scan using {index} ")) && plan.contains("Index Cond"),
-            };
-            assert!(searched, "{}: {query}\n{plan}", be.name);
+            for index in indexes {
+                let searched = match backend {
+                    billrun::store::db::Backend::Sqlite => {
+                        plan.contains(&format!("SEARCH ledger USING INDEX {index} ("))
+                            || plan.contains(&format!("SEARCH resources USING INDEX {index} ("))
+                    }
+                    billrun::store::db::Backend::Postgres => plan.contains(&format!("Scan using {index} ")) && plan.contains("Index Cond"),
+                };
+                assert!(searched, "{}: {index} in {query}\n{plan}", be.name);
+            }
+            assert!(
+                !plan.contains("SCAN ledger") && !plan.contains("Seq Scan"),
+                "{}: {query}\n{plan}",
+                be.name
+            );
         }
         tx.rollback().await.unwrap();
         b.db.close().await;
@@ -1091,6 +1106,114 @@ async fn a_run_planned_by_an_older_build_is_finished_as_planned() {
             be.name
         );
         assert_eq!(csv(&b).await, expected, "{}: same lines, same ids", be.name);
+        b.db.close().await;
+    })
+    .await;
+}
+
+/// A chunk reads its posted lines of an hour by the range of ids its buckets span (migration 14).
+/// Accounts at every awkward bucket (the first and last, either side of a hex digit's carry), each
+/// its own chunk so that every range edge is one of them, and one account whose line has an id of
+/// the form posted before migration 10: a correction of every account's usage finds each posted
+/// line and posts only the difference, never a second full line.
+#[tokio::test]
+async fn a_correction_finds_lines_at_every_bucket_edge_and_of_older_ids() {
+    use billrun::billing::settle::chunk_bucket;
+    let alnum: Vec<char> = ('0'..='9').chain('a'..='z').chain('A'..='Z').collect();
+    // the `nth` account id of the form xABCD with the bucket
+    let account_with_bucket = |bucket: u16, nth: usize| -> String {
+        let mut seen = 0;
+        for &a in &alnum {
+            for &b in &alnum {
+                for &c in &alnum {
+                    for &d in &alnum {
+                        let id: String = ['x', a, b, c, d].iter().collect();
+                        if chunk_bucket(&id) == bucket {
+                            if seen == nth {
+                                return id;
+                            }
+                            seen += 1;
+                        }
+                    }
+                }
+            }
+        }
+        panic!("no account id with bucket {bucket:#x}")
+    };
+    // two accounts share bucket 0x0100 and two 0xffff: a chunk boundary inside a bucket
+    let accounts: Vec<String> = [
+        (0x0000, 0),
+        (0x0001, 0),
+        (0x00ff, 0),
+        (0x0100, 0),
+        (0x0100, 1),
+        (0x0fff, 0),
+        (0x1000, 0),
+        (0x7f3a, 0),
+        (0xfffe, 0),
+        (0xffff, 0),
+        (0xffff, 1),
+    ]
+    .into_iter()
+    .map(|(bucket, nth)| account_with_bucket(bucket, nth))
+    .collect();
+    let list = |f: &dyn Fn(usize, &String) -> String| accounts.iter().enumerate().map(|(i, a)| f(i, a)).collect::<Vec<_>>().join(", ");
+    let usage = |to: &str| {
+        list(&|i, _| {
+            format!(r#"{{"resource": "d{i}", "item": "storage_gb", "quantity": "1000", "from": "2024-02-01T10:00:00Z", "to": "{to}"}}"#)
+        })
+    };
+    let world = format!(
+        r#"{{"accounts": [{}], "plans": [{{"id": "drive", "product": "KooDrive", "hourly": {{"storage_gb": "0.0001"}}}}],
+          "resources": [{}], "usage": [{}]}}"#,
+        list(&|_, a| format!(r#"{{"id": "{a}", "balance": "50.00"}}"#)),
+        list(&|i, a| format!(
+            r#"{{"id": "d{i}", "account": "{a}", "plan": "drive", "mode": "pay_per_use", "created_at": "2024-02-01T00:00:00Z"}}"#
+        )),
+        usage("2024-02-01T10:39:45Z"),
+    );
+    let correction = format!(r#"{{"usage": [{}]}}"#, usage("2024-02-01T10:59:59Z"));
+    on_each_backend(async |be| {
+        let mut b = be.open("UTC").await;
+        b.settle.chunk_resources = 1;
+        b.load_json("drive.json", &world).await.unwrap();
+        b.tick(t("2024-02-01T12:00:00Z"), |_, _| {}).await.unwrap();
+        let first = rows(&csv(&b).await);
+        let hour_lines = |all: &[std::collections::HashMap<String, String>], a: &str| -> Vec<String> {
+            all.iter()
+                .filter(|r| r["account_id"] == a && r["period_start"] == "2024-02-01T10:00:00Z")
+                .map(|r| format!("{} {}", r["transaction_type"], r["amount_due"]))
+                .collect()
+        };
+        for a in &accounts {
+            assert_eq!(hour_lines(&first, a), ["usage 0.06"], "{}: {a}", be.name);
+        }
+        // the line of bucket 0x0100's account as a build before migration 10 posted it
+        let old = "UPDATE ledger SET transaction_id = 'tx_' || substr(transaction_id, 8) WHERE account_id = $1";
+        assert_eq!(
+            b.db.exec(old, vec![accounts[3].as_str().into()]).await.unwrap(),
+            1,
+            "{}: its line",
+            be.name
+        );
+        let s = b.load_json("fix.json", &correction).await.unwrap();
+        assert_eq!(s.hours_marked_for_resettlement, 1, "{}", be.name);
+        let fixed = b
+            .settle_hour(t("2024-02-01T10:00:00Z"), t("2024-02-01T12:45:00Z"), false)
+            .await
+            .unwrap();
+        assert_eq!(fixed.lines, accounts.len(), "{}", be.name);
+        assert!(fixed.chunks_total >= accounts.len(), "{}: {} chunks", be.name, fixed.chunks_total);
+        let after = rows(&csv(&b).await);
+        for a in &accounts {
+            // corrected 3599 s -> 0.09997222 (due 0.09): the posted 0.06 and an adjustment of 0.03
+            assert_eq!(hour_lines(&after, a), ["usage 0.06", "adjustment 0.03"], "{}: {a}", be.name);
+        }
+        let again = b
+            .settle_hour(t("2024-02-01T10:00:00Z"), t("2024-02-01T13:00:00Z"), false)
+            .await
+            .unwrap();
+        assert_eq!(again.lines, 0, "{}", be.name);
         b.db.close().await;
     })
     .await;

@@ -83,12 +83,38 @@ pub fn transaction_id(line_key: &str, revision: i64) -> String {
 /// hour, every chunk rewrote most of both indexes).
 pub fn metered_transaction_id(hour_start: i64, bucket: u16, line_key: &str, revision: i64) -> String {
     let hour = (hour_start.div_euclid(3600) & 0xFF_FFFF) as u32;
-    let mut id = String::with_capacity(3 + 6 + 4 + 18);
+    let mut id = String::with_capacity(METERED_ID_LEN);
     id.push_str("tx_");
     push_hex(&mut id, &hour.to_be_bytes()[1..]);
     push_hex(&mut id, &bucket.to_be_bytes());
     push_hex(&mut id, &key_digest(line_key, revision)[..9]);
     id
+}
+
+/// The length of every [`metered_transaction_id`]. Ids of metered lines posted before migration
+/// 10 (hash only, or hour and hash) are 27 characters long, as are [`transaction_id`]'s.
+pub const METERED_ID_LEN: usize = 3 + 6 + 4 + 18;
+
+/// The half-open range `[lo, hi)` of the [`metered_transaction_id`]s of billing hour `hour_start`
+/// whose bucket is in `lo_bucket..=hi_bucket` (None: from the first, to the last bucket). Every
+/// such id lies in it and no id of another hour or of a bucket outside it does, so a chunk reads
+/// its lines of an hour through the unique id index instead of an index of its own. Both bounds
+/// are lowercase hex after `tx_` like the ids, and `g` sorts after every hex digit.
+pub fn metered_id_range(hour_start: i64, lo_bucket: Option<u16>, hi_bucket: Option<u16>) -> (String, String) {
+    let hour = (hour_start.div_euclid(3600) & 0xFF_FFFF) as u32;
+    let mut prefix = String::with_capacity(METERED_ID_LEN);
+    prefix.push_str("tx_");
+    push_hex(&mut prefix, &hour.to_be_bytes()[1..]);
+    let mut lo = prefix.clone();
+    if let Some(b) = lo_bucket {
+        push_hex(&mut lo, &b.to_be_bytes());
+    }
+    let mut hi = prefix;
+    match hi_bucket.and_then(|b| b.checked_add(1)) {
+        Some(next) => push_hex(&mut hi, &next.to_be_bytes()),
+        None => hi.push('g'),
+    }
+    (lo, hi)
 }
 
 /// The chunk bucket of an account: (c1 + 31 c2 + 961 c3 + 29791 c4) mod 65536 over the code points
@@ -597,6 +623,44 @@ mod tests {
         assert_ne!(metered_transaction_id(1_704_880_800, 0x1f2e, &key, 1), id);
         // a half-hour zone's hours still lead with the hour they start in
         assert_eq!(&metered_transaction_id(1_704_880_800 + 1800, 0, &key, 0)[..9], "tx_0739ea");
+    }
+
+    /// A chunk's id range holds every metered id of its hour and buckets, and none of the hour
+    /// before or after or of a bucket outside. (Older ids, 27 characters, may fall in it: the
+    /// chunk read tells them apart by their length.)
+    #[test]
+    fn metered_id_ranges_hold_exactly_their_hour_and_buckets() {
+        let hour = 1_704_880_800;
+        let in_range = |id: &str, (lo, hi): &(String, String)| id >= lo.as_str() && id < hi.as_str();
+        for (lo_b, hi_b) in [
+            (None, None),
+            (Some(0), Some(0)),
+            (Some(0x00ff), Some(0x0100)),
+            (Some(0x0fff), None),
+            (None, Some(0xffff)),
+            (Some(0x1f2e), Some(0xfffe)),
+        ] {
+            let range = metered_id_range(hour, lo_b, hi_b);
+            let (lo, hi) = (lo_b.unwrap_or(0), hi_b.unwrap_or(0xffff));
+            for bucket in [
+                0u16, 1, 0x00fe, 0x00ff, 0x0100, 0x0101, 0x0ffe, 0x0fff, 0x1000, 0x1f2d, 0x1f2e, 0x1f2f, 0xfffe, 0xffff,
+            ] {
+                for n in 0..40 {
+                    let key = usage_key(&format!("r{n}"), "instance", hour, d("1"));
+                    let expected = (lo..=hi).contains(&bucket);
+                    let id = metered_transaction_id(hour, bucket, &key, n % 3);
+                    assert_eq!(in_range(&id, &range), expected, "{id} in {range:?}");
+                    for other in [hour - 3600, hour + 3600, hour + 1800 + 3600] {
+                        assert!(
+                            !in_range(&metered_transaction_id(other, bucket, &key, 0), &range),
+                            "hour {other}: {range:?}"
+                        );
+                    }
+                    // a half-hour zone's hour is in the range of the hour it starts in
+                    assert_eq!(in_range(&metered_transaction_id(hour + 1800, bucket, &key, 0), &range), expected);
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The ledger: posting lines (append only, unique by line key and revision) and reading them back.
 
-use super::db::{Db, Kind, Row, Tx, Val};
+use super::db::{Backend, Db, Kind, Row, Tx, Val};
 use crate::billing::model::{BillingMode, LedgerLine, TransactionType};
 use anyhow::{Context, Result};
 
@@ -16,10 +16,20 @@ pub fn line_columns() -> &'static [&'static str] {
     })
 }
 
-const SELECT_LINE: &str = "SELECT transaction_id, transaction_time, account_id, resource_id, product, plan_id, billing_mode, \
-    transaction_type, billing_item, period_start, period_end, usage_seconds, quantity, unit_price, list_amount, \
-    truncated_amount, amount_due, paid_amount, arrears_amount, balance_after, currency, hour_start, line_key, revision, \
-    run_job, run_at, explain FROM ledger";
+/// A line's columns, as stored, in [`LINE_KINDS`]' order.
+macro_rules! line_column_list {
+    () => {
+        "transaction_id, transaction_time, account_id, resource_id, product, plan_id, billing_mode, \
+         transaction_type, billing_item, period_start, period_end, usage_seconds, quantity, unit_price, list_amount, \
+         truncated_amount, amount_due, paid_amount, arrears_amount, balance_after, currency, hour_start, line_key, revision, \
+         run_job, run_at, explain"
+    };
+}
+
+const SELECT_LINE: &str = concat!("SELECT ", line_column_list!(), " FROM ledger");
+
+/// `SELECT` and a line's columns, without `FROM`.
+const LINE_COLUMNS: &str = concat!("SELECT ", line_column_list!());
 
 const LINE_KINDS: &[Kind] = &[
     Kind::Text,
@@ -195,15 +205,45 @@ fn copy_text_value(buf: &mut String, v: &Val) {
     }
 }
 
+/// The query of [`hour_lines`] and its arguments: two branches, each searching an index.
+///
+/// - Lines posted since migration 10 have [`metered_transaction_id`]s, which lead with their hour
+///   and their account's bucket, so a chunk's lines of an hour are one range of the unique id
+///   index ([`metered_id_range`] over the chunk's buckets). The ledger has no index of its own for
+///   this read (migration 14 dropped it: a fourth index written for every posted line).
+/// - Older metered lines (27-character ids: hash only, or hour and hash) are in the partial index
+///   `ledger_hour_legacy`, which nothing posted now goes into.
+///
+/// Both branches keep the exact chunk condition on the row (the id range covers whole buckets),
+/// and their length conditions make them disjoint. That a posted id's bucket is the one the
+/// database computes for its account is checked when its chunk reads its resources.
+///
+/// [`metered_transaction_id`]: crate::billing::settle::metered_transaction_id
+/// [`metered_id_range`]: crate::billing::settle::metered_id_range
+pub fn hour_lines_sql(backend: Backend, hour_start: i64, accounts: super::settle::ChunkRange<'_>) -> (String, Vec<Val>) {
+    use super::settle::ChunkRange;
+    use crate::billing::settle::{metered_id_range, METERED_ID_LEN};
+    let bucket = |k: Option<&super::settle::ChunkKey>| k.map(|(b, _)| u16::try_from(*b).unwrap_or(u16::MAX));
+    let (lo, hi) = match accounts {
+        ChunkRange::Keys(lo, hi) => metered_id_range(hour_start, bucket(lo), bucket(hi)),
+        // a plan made before migration 10 bounds accounts by id, not bucket: the whole hour
+        ChunkRange::Accounts(..) => metered_id_range(hour_start, None, None),
+    };
+    let (cond, extra) = super::settle::range_sql(backend, "account_id", accounts, 4);
+    let sql = format!(
+        "{LINE_COLUMNS}, seq FROM ledger WHERE transaction_id >= $2 AND transaction_id < $3 \
+         AND length(transaction_id) = {METERED_ID_LEN} AND hour_start = $1{cond} \
+         UNION ALL {LINE_COLUMNS}, seq FROM ledger WHERE hour_start = $1 AND length(transaction_id) <> {METERED_ID_LEN}{cond} \
+         ORDER BY seq"
+    );
+    (sql, [vec![hour_start.into(), lo.into(), hi.into()], extra].concat())
+}
+
 /// Lines already posted for the billing hour to the accounts in a range, in posting order.
 pub(crate) async fn hour_lines(tx: &mut Tx, hour_start: i64, accounts: super::settle::ChunkRange<'_>) -> Result<Vec<LedgerLine>> {
-    let (cond, extra) = super::settle::range_sql(tx.backend(), "account_id", accounts, 2);
-    let sql = format!("{SELECT_LINE} WHERE hour_start = $1{cond} ORDER BY seq");
-    tx.rows(sqlx::AssertSqlSafe(sql), [vec![hour_start.into()], extra].concat(), LINE_KINDS)
-        .await?
-        .iter()
-        .map(line_of)
-        .collect()
+    let (sql, args) = hour_lines_sql(tx.backend(), hour_start, accounts);
+    let kinds: Vec<Kind> = LINE_KINDS.iter().copied().chain([Kind::Int]).collect();
+    tx.rows(sqlx::AssertSqlSafe(sql), args, &kinds).await?.iter().map(line_of).collect()
 }
 
 /// One line by transaction id.

@@ -19,6 +19,7 @@ const SQLITE: &[(i64, &str)] = &[
     (11, include_str!("../../sql/sqlite/0011_resources_fillfactor.sql")),
     (12, include_str!("../../sql/sqlite/0012_job_runs_done.sql")),
     (13, include_str!("../../sql/sqlite/0013_ledger_hour_chunk_metered.sql")),
+    (14, include_str!("../../sql/sqlite/0014_ledger_chunk_reads_by_id.sql")),
 ];
 const POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../sql/postgres/0001_foundation.sql")),
@@ -34,6 +35,7 @@ const POSTGRES: &[(i64, &str)] = &[
     (11, include_str!("../../sql/postgres/0011_resources_fillfactor.sql")),
     (12, include_str!("../../sql/postgres/0012_job_runs_done.sql")),
     (13, include_str!("../../sql/postgres/0013_ledger_hour_chunk_metered.sql")),
+    (14, include_str!("../../sql/postgres/0014_ledger_chunk_reads_by_id.sql")),
 ];
 
 /// Brings the schema up to date. Concurrent starts are serialised by a lock on `meta`.

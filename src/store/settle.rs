@@ -14,7 +14,7 @@ use super::world::{all_plans, lock_books, record_arrears_events, resource_of, sa
 use crate::billing::lifecycle::{arrears_transitions, unbillable_windows, ArrearsPeriod};
 use crate::billing::model::{LedgerLine, MeteredResource, Plan, UsageSegment};
 use crate::billing::packages::{count_drafts, is_count_key, CycleQuota, PostedCount};
-use crate::billing::settle::{desired_usage, post_drafts, reconcile, AccountBook, ArrearsEvent, PostedUsage, Unbillable};
+use crate::billing::settle::{chunk_bucket, desired_usage, post_drafts, reconcile, AccountBook, ArrearsEvent, PostedUsage, Unbillable};
 use crate::billing::zone::BillingZone;
 use crate::clock;
 use crate::store::subscriptions::arrears_periods;
@@ -646,10 +646,11 @@ async fn settle_hour(
     let end = zone.next_hour(hour);
     // pay-per-use from creation (or from a change to pay-per-use) until deletion or release
     let (cond, extra) = range_sql(tx.backend(), "account_id", range, 3);
-    let resources: HashMap<String, MeteredResource> = tx
+    let bucket = bucket_sql(tx.backend(), "account_id");
+    let rows = tx
         .rows(
             sqlx::AssertSqlSafe(format!(
-                "SELECT id, account_id, plan_id, quantity, created_at, deleted_at, ppu_from, released_at FROM resources \
+                "SELECT id, account_id, plan_id, quantity, created_at, deleted_at, ppu_from, released_at, {bucket} FROM resources \
                  WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL) AND created_at < $2 AND (ppu_from IS NULL OR ppu_from < $2) \
                  AND (deleted_at IS NULL OR deleted_at > $1) AND (released_at IS NULL OR released_at > $1){cond}"
             )),
@@ -663,9 +664,27 @@ async fn settle_hour(
                 Kind::Int,
                 Kind::Int,
                 Kind::Int,
+                Kind::Int,
             ],
         )
-        .await?
+        .await?;
+    // The lines posted here carry their account's bucket as computed in Rust, and later chunk
+    // reads find them by the bucket the database computes (hour_lines_sql): the two must agree,
+    // or a rerun would not see a line and could post it again under another key. A test pins the
+    // two functions to each other; this refuses the chunk, loudly, should they ever differ.
+    let disagrees = |r: &&super::db::Row| match &r.0[1] {
+        super::db::Val::Text(Some(account)) => r.int(8) != i64::from(chunk_bucket(account)),
+        _ => true,
+    };
+    if let Some(r) = rows.iter().find(disagrees) {
+        bail!(
+            "account {:?}: the database computes chunk bucket {} but billrun {}; refusing to settle",
+            r.text(1),
+            r.int(8),
+            chunk_bucket(&r.text(1))
+        );
+    }
+    let resources: HashMap<String, MeteredResource> = rows
         .iter()
         .map(|r| {
             let mut m = resource_of(r);
