@@ -20,6 +20,7 @@ const SQLITE: &[(i64, &str)] = &[
     (12, include_str!("../../sql/sqlite/0012_job_runs_done.sql")),
     (13, include_str!("../../sql/sqlite/0013_ledger_hour_chunk_metered.sql")),
     (14, include_str!("../../sql/sqlite/0014_ledger_chunk_reads_by_id.sql")),
+    (15, include_str!("../../sql/sqlite/0015_notifications_resource_alerts.sql")),
 ];
 const POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../sql/postgres/0001_foundation.sql")),
@@ -36,6 +37,7 @@ const POSTGRES: &[(i64, &str)] = &[
     (12, include_str!("../../sql/postgres/0012_job_runs_done.sql")),
     (13, include_str!("../../sql/postgres/0013_ledger_hour_chunk_metered.sql")),
     (14, include_str!("../../sql/postgres/0014_ledger_chunk_reads_by_id.sql")),
+    (15, include_str!("../../sql/postgres/0015_notifications_resource_alerts.sql")),
 ];
 
 /// Brings the schema up to date. Concurrent starts are serialised by a lock on `meta`.

@@ -316,12 +316,7 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
     }
     out.transitions += ppu_arrears_transitions(&mut tx, zone, at).await?;
     // only the newest undelivered alert of a resource is sent: older ones are superseded
-    tx.exec(
-        "UPDATE notifications SET delivery = 'superseded' WHERE kind = 'expiry_alert' AND delivery = 'pending' AND EXISTS \
-         (SELECT 1 FROM notifications n2 WHERE n2.kind = 'expiry_alert' AND n2.resource_id = notifications.resource_id AND n2.at > notifications.at)",
-        vec![],
-    )
-    .await?;
+    tx.exec(SUPERSEDE_ALERTS, vec![]).await?;
     let changed_books: Vec<_> = books.values().filter(|b| b.changed).map(|b| &b.account).collect();
     save_accounts(&mut tx, changed_books).await?;
     record_arrears_events(&mut tx, &events).await?;
@@ -331,6 +326,12 @@ pub async fn daily_run(db: &Db, zone: &BillingZone, claim: &Claim) -> Result<Dai
     tx.commit().await?;
     Ok(out)
 }
+
+/// Marks every undelivered expiry alert that a newer alert of its resource follows as superseded.
+/// The newer alert is found through `notifications_resource`, which holds expiry alerts only
+/// (migration 15): the subquery names its condition, `kind = 'expiry_alert'`.
+pub const SUPERSEDE_ALERTS: &str = "UPDATE notifications SET delivery = 'superseded' WHERE kind = 'expiry_alert' AND delivery = 'pending' AND EXISTS \
+     (SELECT 1 FROM notifications n2 WHERE n2.kind = 'expiry_alert' AND n2.resource_id = notifications.resource_id AND n2.at > notifications.at)";
 
 /// Accounts whose subscriptions the daily run holds in memory at once: 5,000, or
 /// `BILLRUN_DAILY_BATCH_ACCOUNTS` (the outcome does not depend on it; tests set it small).
