@@ -505,7 +505,8 @@ async fn each_daily_batch_searches_its_accounts_by_range() {
 
 /// A command naming no resource acts on none. The subscriptions query used to write "one
 /// resource" as `($1 = '' OR id = $1)`, so `renew ""` matched every subscription and renewed the
-/// first one in account order, charging it; each filter is now a plain comparison.
+/// first one in account order, charging it; each filter is now a plain comparison. The
+/// notifications listing had the same form for its account (listing, so read-only).
 #[tokio::test]
 async fn an_empty_resource_id_names_no_subscription() {
     let doc = format!(
@@ -522,6 +523,14 @@ async fn an_empty_resource_id_names_no_subscription() {
         assert!(b.to_ppu("", true, at).await.is_err(), "{}: to-ppu \"\"", be.name);
         assert_eq!(csv(&b).await, before, "{}: nothing posted", be.name);
         assert_eq!(state(&b, "m1").await.1.as_deref(), Some("2024-02-10"), "{}", be.name);
+        // likewise an empty account lists no notifications (it listed every account's)
+        b.tick(t("2024-01-26T00:04:00Z"), |_, _| {}).await.unwrap();
+        assert!(!b.notifications(Some("a")).await.unwrap().is_empty(), "{}: account a's", be.name);
+        assert!(
+            b.notifications(Some("")).await.unwrap().is_empty(),
+            "{}: notifications --account \"\"",
+            be.name
+        );
         b.db.close().await;
     })
     .await;
