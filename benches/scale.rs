@@ -89,12 +89,15 @@ fn main() -> Result<()> {
             checkpoint(&db.url)?;
             let raw = run_child(&["raw", &db.url, &(lines as usize).to_string()])?;
             let raw_rate = raw["rows_per_s"].as_f64().unwrap_or(f64::NAN);
+            checkpoint(&db.url)?;
+            let floor = run_child(&["floor", &db.url])?;
+            let floor_rate = floor["rows_per_s"].as_f64().unwrap_or(f64::NAN);
             let export_file = work.path().join(format!("bills-{name}-{n}.csv"));
             checkpoint(&db.url)?;
             let export = run_child(&["export", &db.url, export_file.to_str().unwrap()])?;
             println!(
                 "{name:8} N={n:>9}: load {:.1} s | one hour settled: {} lines in {:.2} s = {:.0} lines/s, peak RSS {:.0} MiB | \
-                 raw {} write limit {:.0} rows/s, settlement/raw {:.2} | export {:.0} rows/s",
+                 raw {} write limit {:.0} rows/s, settlement/raw {:.2} | engine floor {:.0} rows/s ({:.2} s) | export {:.0} rows/s",
                 load["seconds"].as_f64().unwrap_or(0.0),
                 lines,
                 secs,
@@ -103,6 +106,8 @@ fn main() -> Result<()> {
                 raw["method"].as_str().unwrap_or(""),
                 raw_rate,
                 (lines / secs) / raw_rate,
+                floor_rate,
+                floor["seconds"].as_f64().unwrap_or(f64::NAN),
                 export["rows_per_s"].as_f64().unwrap_or(0.0),
             );
             results
@@ -114,6 +119,10 @@ fn main() -> Result<()> {
             results.push(
                 json!({"backend": name, "figure": "raw_write", "n": n, "method": raw["method"], "rows": lines, "seconds": raw["seconds"],
                 "rows_per_s": raw_rate, "settle_to_raw": (lines / secs) / raw_rate}),
+            );
+            results.push(
+                json!({"backend": name, "figure": "engine_floor", "n": n, "method": floor["method"], "rows": floor["rows"],
+                "seconds": floor["seconds"], "rows_per_s": floor_rate, "settle_to_floor": (lines / secs) / floor_rate}),
             );
             results.push(
                 json!({"backend": name, "figure": "export", "n": n, "rows": export["rows"], "seconds": export["seconds"],
@@ -328,6 +337,13 @@ async fn child(args: &[String]) -> Result<Value> {
             return Ok(json!({"method": method, "rows": n, "seconds": started.elapsed().as_secs_f64(),
                 "rows_per_s": n as f64 / started.elapsed().as_secs_f64()}));
         }
+        "floor" => {
+            let rows = engine_floor(&b.db).await?;
+            return Ok(
+                json!({"method": "INSERT ... SELECT inside the database", "rows": rows, "seconds": started.elapsed().as_secs_f64(),
+                "rows_per_s": rows as f64 / started.elapsed().as_secs_f64()}),
+            );
+        }
         "export" => {
             let file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(a(2))?);
             let rows = b.export(&ExportFilter::default(), file).await?;
@@ -375,12 +391,8 @@ async fn template_line(db: &Db) -> Result<billrun::billing::model::LedgerLine> {
     ledger::line(db, &id).await?.context("the line")
 }
 
-/// The database's own write limit for ledger rows: `n` rows like the first posted line (keys
-/// varied) into an empty table of the ledger's shape (columns, keys, indexes), by the fastest plain
-/// method: multi-row INSERTs in one transaction on SQLite, COPY on PostgreSQL.
-async fn raw_insert(db: &Db, n: usize) -> Result<&'static str> {
-    let template = template_line(db).await?;
-    let cols = ledger::line_columns();
+/// An empty table `{prefix}_ledger` of the ledger's shape: columns, keys and indexes.
+async fn create_like_ledger(db: &Db, prefix: &str) -> Result<()> {
     match db {
         Db::Sqlite(_) => {
             let mut tx = db.begin().await?;
@@ -397,13 +409,52 @@ async fn raw_insert(db: &Db, n: usize) -> Result<&'static str> {
             for stmt in ddl {
                 // a table rebuilt by a migration is stored as `CREATE TABLE "ledger"`
                 let stmt = stmt
-                    .replace("TABLE \"ledger\"", "TABLE raw_ledger")
-                    .replace("TABLE ledger", "TABLE raw_ledger")
-                    .replace("ON ledger", "ON raw_ledger");
-                let stmt = stmt.replacen("INDEX ", "INDEX raw_", 1);
+                    .replace("TABLE \"ledger\"", &format!("TABLE {prefix}_ledger"))
+                    .replace("TABLE ledger", &format!("TABLE {prefix}_ledger"))
+                    .replace("ON ledger", &format!("ON {prefix}_ledger"));
+                let stmt = stmt.replacen("INDEX ", &format!("INDEX {prefix}_"), 1);
                 tx.exec(sqlx::AssertSqlSafe(stmt), vec![]).await?;
             }
             tx.commit().await?;
+        }
+        Db::Postgres(_) => {
+            db.exec(
+                sqlx::AssertSqlSafe(format!("CREATE TABLE {prefix}_ledger (LIKE ledger INCLUDING ALL)")),
+                vec![],
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The database engine's own cost of writing the settled lines: all of them copied, in posting
+/// order, into an empty table of the ledger's shape by one `INSERT ... SELECT` inside the
+/// database, in one transaction. No client, driver or protocol is involved, so nothing that
+/// writes these rows to this table can be faster; settlement's own figure is compared with it.
+async fn engine_floor(db: &Db) -> Result<u64> {
+    create_like_ledger(db, "floor").await?;
+    let cols = ledger::line_columns().join(", ");
+    let mut tx = db.begin().await?;
+    let n = tx
+        .exec(
+            sqlx::AssertSqlSafe(format!("INSERT INTO floor_ledger ({cols}) SELECT {cols} FROM ledger ORDER BY seq")),
+            vec![],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// The database's own write limit for ledger rows: `n` rows like the first posted line (keys
+/// varied) into an empty table of the ledger's shape (columns, keys, indexes), by the fastest plain
+/// method: multi-row INSERTs in one transaction on SQLite, COPY on PostgreSQL.
+async fn raw_insert(db: &Db, n: usize) -> Result<&'static str> {
+    let template = template_line(db).await?;
+    let cols = ledger::line_columns();
+    create_like_ledger(db, "raw").await?;
+    match db {
+        Db::Sqlite(_) => {
             let mut tx = db.begin().await?;
             let per = 100_000;
             let mut i = 0;
@@ -416,7 +467,6 @@ async fn raw_insert(db: &Db, n: usize) -> Result<&'static str> {
             Ok("multi-row INSERT")
         }
         Db::Postgres(pool) => {
-            db.exec("CREATE TABLE raw_ledger (LIKE ledger INCLUDING ALL)", vec![]).await?;
             let mut conn = pool.acquire().await?;
             let sql = format!("COPY raw_ledger ({}) FROM STDIN WITH (FORMAT csv)", cols.join(", "));
             let mut copy = conn.copy_in_raw(&sql).await?;
