@@ -857,12 +857,7 @@ async fn chunk_buckets_agree_in_sql_and_chunks_search_their_indexes() {
         // the posted lines: the chunk's id range (current ids), and the partial index of
         // metered lines posted before migration 10
         let (lines, hour_args) = billrun::store::ledger::hour_lines_sql(backend, 1_704_880_800, range);
-        let mut tx = b.db.begin().await.unwrap();
-        if backend == billrun::store::db::Backend::Postgres {
-            // empty tables: make the planner show whether it could use an index at all
-            tx.exec("SET LOCAL enable_seqscan = off", vec![]).await.unwrap();
-            tx.exec("SET LOCAL enable_bitmapscan = off", vec![]).await.unwrap();
-        }
+        let mut tx = plan_tx(&b.db).await;
         let id_index = match backend {
             billrun::store::db::Backend::Sqlite => "sqlite_autoindex_ledger_1",
             billrun::store::db::Backend::Postgres => "ledger_transaction_id_key",

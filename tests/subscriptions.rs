@@ -485,12 +485,7 @@ async fn each_daily_batch_searches_its_accounts_by_range() {
             Some(("acct-0100", "acct-0199")),
             Some(today),
         );
-        let mut tx = b.db.begin().await.unwrap();
-        if backend == Backend::Postgres {
-            // an empty table: make the planner show whether it could search the index at all
-            tx.exec("SET LOCAL enable_seqscan = off", vec![]).await.unwrap();
-            tx.exec("SET LOCAL enable_bitmapscan = off", vec![]).await.unwrap();
-        }
+        let mut tx = plan_tx(&b.db).await;
         let plan = query_plan(&mut tx, &format!("SELECT id {rest}"), args).await;
         let by_range = match backend {
             Backend::Sqlite => plan.contains("SEARCH resources USING INDEX resources_account (account_id>? AND account_id<?)"),
@@ -548,11 +543,7 @@ async fn superseding_alerts_searches_the_alerts_resource_index() {
     on_each_backend(async |be| {
         let b = be.open("UTC").await;
         let backend = b.db.backend();
-        let mut tx = b.db.begin().await.unwrap();
-        if backend == Backend::Postgres {
-            tx.exec("SET LOCAL enable_seqscan = off", vec![]).await.unwrap();
-            tx.exec("SET LOCAL enable_bitmapscan = off", vec![]).await.unwrap();
-        }
+        let mut tx = plan_tx(&b.db).await;
         let plan = query_plan(&mut tx, SUPERSEDE_ALERTS, vec![]).await;
         let searched = match backend {
             Backend::Sqlite => plan.contains("SEARCH n2 USING COVERING INDEX notifications_resource (resource_id=? AND at>?)"),

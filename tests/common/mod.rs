@@ -198,3 +198,15 @@ pub async fn query_plan(tx: &mut billrun::store::db::Tx, sql: &str, args: Vec<bi
     let rows = tx.rows(sqlx::AssertSqlSafe(format!("{explain} {sql}")), args, kinds).await.unwrap();
     rows.iter().map(|r| r.text(kinds.len() - 1)).collect::<Vec<_>>().join("\n")
 }
+
+/// A transaction for `query_plan` over small or empty tables: on PostgreSQL sequential and bitmap
+/// scans are turned off inside it, so the plan shows whether an index can be searched at all
+/// (SQLite plans without statistics as it would on a big table).
+pub async fn plan_tx(db: &billrun::store::db::Db) -> billrun::store::db::Tx {
+    let mut tx = db.begin().await.unwrap();
+    if db.backend() == billrun::store::db::Backend::Postgres {
+        tx.exec("SET LOCAL enable_seqscan = off", vec![]).await.unwrap();
+        tx.exec("SET LOCAL enable_bitmapscan = off", vec![]).await.unwrap();
+    }
+    tx
+}
