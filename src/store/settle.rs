@@ -697,6 +697,7 @@ async fn settle_hour(
             (m.id.clone(), m)
         })
         .collect();
+    drop(rows);
     let (cond, extra) = range_sql(tx.backend(), "r.account_id", range, 4);
     let segments: Vec<UsageSegment> = tx
         .rows(
