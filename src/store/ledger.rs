@@ -223,7 +223,8 @@ fn copy_text_value(buf: &mut String, v: &Val) {
 pub fn hour_lines_sql(backend: Backend, hour_start: i64, accounts: super::settle::ChunkRange<'_>) -> (String, Vec<Val>) {
     use super::settle::ChunkRange;
     use crate::billing::settle::{metered_id_range, METERED_ID_LEN};
-    let bucket = |k: Option<&super::settle::ChunkKey>| k.map(|(b, _)| u16::try_from(*b).unwrap_or(u16::MAX));
+    // a bound that is not a bucket (never written by a plan) widens the range, never narrows it
+    let bucket = |k: Option<&super::settle::ChunkKey>| k.and_then(|(b, _)| u16::try_from(*b).ok());
     let (lo, hi) = match accounts {
         ChunkRange::Keys(lo, hi) => metered_id_range(hour_start, bucket(lo), bucket(hi)),
         // a plan made before migration 10 bounds accounts by id, not bucket: the whole hour

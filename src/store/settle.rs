@@ -672,17 +672,16 @@ async fn settle_hour(
     // reads find them by the bucket the database computes (hour_lines_sql): the two must agree,
     // or a rerun would not see a line and could post it again under another key. A test pins the
     // two functions to each other; this refuses the chunk, loudly, should they ever differ.
-    let disagrees = |r: &&super::db::Row| match &r.0[1] {
-        super::db::Val::Text(Some(account)) => r.int(8) != i64::from(chunk_bucket(account)),
-        _ => true,
-    };
-    if let Some(r) = rows.iter().find(disagrees) {
-        bail!(
-            "account {:?}: the database computes chunk bucket {} but billrun {}; refusing to settle",
-            r.text(1),
-            r.int(8),
-            chunk_bucket(&r.text(1))
-        );
+    for r in &rows {
+        if let super::db::Val::Text(Some(account)) = &r.0[1] {
+            let ours = chunk_bucket(account);
+            if r.int(8) != i64::from(ours) {
+                bail!(
+                    "account {account:?}: the database computes chunk bucket {} but billrun {ours}; refusing to settle",
+                    r.int(8)
+                );
+            }
+        }
     }
     let resources: HashMap<String, MeteredResource> = rows
         .iter()
