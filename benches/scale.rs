@@ -34,6 +34,8 @@ fn iso(t: i64) -> String {
 }
 
 fn main() -> Result<()> {
+    // as the billrun binary does, so that each step's peak RSS is the binary's
+    billrun::store::db::share_one_malloc_arena();
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--child") {
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    billrun::store::db::share_one_malloc_arena();
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_env("BILLRUN_LOG").unwrap_or_else(|_| EnvFilter::new("billrun=info,sqlx=warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
