@@ -132,6 +132,7 @@ impl Billing {
         let limits = Limits {
             chunk_resources: self.settle.chunk_resources,
             lease_seconds: self.lease_seconds,
+            workers: self.settle.chunk_workers,
         };
         loop {
             match crate::store::settle::run(&self.db, &self.zone, &run, limits).await? {

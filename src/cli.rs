@@ -31,6 +31,9 @@ pub struct Cli {
     /// Pay-per-use resources settled per chunk (a transaction and a claim replicas share out)
     #[arg(long, env = "BILLRUN_CHUNK_RESOURCES", global = true)]
     pub chunk_resources: Option<i64>,
+    /// Chunks one runner settles at once on PostgreSQL, each on its own connection [default: 2]
+    #[arg(long, env = "BILLRUN_CHUNK_WORKERS", global = true)]
+    pub chunk_workers: Option<i64>,
     /// When the settle job runs: cron with seconds in the billing time zone [default: 0 0 * * * *]
     #[arg(long, env = "BILLRUN_SETTLE_CRON", global = true)]
     pub settle_cron: Option<String>,
@@ -170,6 +173,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         timezone: cli.timezone.clone(),
         lease_seconds: cli.lease_seconds,
         chunk_resources: cli.chunk_resources,
+        chunk_workers: cli.chunk_workers,
         settle_cron: cli.settle_cron.clone(),
         daily_cron: cli.daily_cron.clone(),
         webhook_url: cli.webhook_url.clone(),

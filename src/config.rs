@@ -32,6 +32,8 @@ pub struct FileConfig {
     /// Pay-per-use resources per settlement chunk (default 20000): one transaction and one claim,
     /// so replicas share a big hour and memory stays bounded.
     pub chunk_resources: Option<i64>,
+    /// Chunks one runner settles at once on PostgreSQL (default 2; SQLite: one at a time).
+    pub chunk_workers: Option<i64>,
     /// When the settle job runs: cron with seconds, in the billing time zone (default `0 0 * * * *`).
     pub settle_cron: Option<String>,
     /// When the daily job runs (default `0 3 0 * * *`, 00:03:00 local).
@@ -45,6 +47,7 @@ pub struct Flags {
     pub timezone: Option<String>,
     pub lease_seconds: Option<i64>,
     pub chunk_resources: Option<i64>,
+    pub chunk_workers: Option<i64>,
     pub settle_cron: Option<String>,
     pub daily_cron: Option<String>,
     pub webhook_url: Option<String>,
@@ -109,6 +112,13 @@ impl Config {
         if !(1..=10_000_000).contains(&chunk_resources) {
             return Err(InputError(format!("--chunk-resources: {chunk_resources} is not between 1 and 10000000")).into());
         }
+        let chunk_workers = flags
+            .chunk_workers
+            .or(file.chunk_workers)
+            .unwrap_or(crate::store::settle::DEFAULT_CHUNK_WORKERS as i64);
+        if !(1..=64).contains(&chunk_workers) {
+            return Err(InputError(format!("--chunk-workers: {chunk_workers} is not between 1 and 64")).into());
+        }
         let cron = |flag: &str, value: Option<String>, default: fn() -> CronSchedule| match value {
             None => Ok(default()),
             Some(v) => CronSchedule::parse(&v).map_err(|e| InputError(format!("{flag}: {e}"))),
@@ -158,6 +168,7 @@ impl Config {
                 daily_cron,
                 delay,
                 chunk_resources: chunk_resources as usize,
+                chunk_workers: chunk_workers as usize,
             },
             lease_seconds,
             sinks,

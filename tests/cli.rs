@@ -346,6 +346,14 @@ fn hostile_arguments_exit_2_naming_the_argument() {
         (&["settle", "--hour", "2024-01-10T10:00:00Z", "--at", "NaN"], "--at"),
         (&["--chunk-resources", "-1", "tick", "--now", "2024-01-10T12:00:00Z"], "'-1'"),
         (&["--chunk-resources", "99999999999999999999999", "tick"], "chunk"),
+        (
+            &["--chunk-workers", "0", "tick", "--now", "2024-01-10T12:00:00Z"],
+            "--chunk-workers",
+        ),
+        (
+            &["--chunk-workers", "65", "tick", "--now", "2024-01-10T12:00:00Z"],
+            "--chunk-workers",
+        ),
         (&["--timezone", "Mars/Olympus_Mons", "status"], "--timezone"),
         (&["--timezone", "+99:00", "status"], "--timezone"),
         (&["unsubscribe", "日本語"], "日本語"),

@@ -585,3 +585,73 @@ async fn planning_waits_for_a_stuck_load_and_says_so() {
     let export = String::from_utf8(billrun(&be.url).arg("export").output().unwrap().stdout).unwrap();
     assert_eq!(export, expected);
 }
+
+/// On PostgreSQL one runner settles a run's chunks side by side (two workers by default): while
+/// the first chunk waits on a locked account, the other chunks of the run are settled, and the
+/// ledger and balances end as one chunk at a time leaves them, ids included.
+#[tokio::test]
+async fn one_runner_settles_chunks_side_by_side_and_posts_what_one_at_a_time_does() {
+    use billrun::store::db::Kind;
+    if common::pg_url().is_none() {
+        return;
+    }
+    let doc = world(40, 100);
+    let now = common::t("2023-11-16T06:00:00Z");
+    let one = common::fresh("postgres").await;
+    let mut serial = one.open("UTC").await;
+    serial.settle.chunk_resources = 5;
+    serial.settle.chunk_workers = 1;
+    serial.load_json("world.json", &doc).await.unwrap();
+    serial.tick(now, |_, _| {}).await.unwrap();
+
+    let two = common::fresh("postgres").await;
+    let mut side = two.open("UTC").await;
+    side.settle.chunk_resources = 5;
+    assert_eq!(side.settle.chunk_workers, 2, "the default");
+    side.load_json("world.json", &doc).await.unwrap();
+    // the first chunk holds the pay-per-use account first in (bucket, account) order; accounts
+    // 0, 10, 20 and 30 hold subscriptions only
+    let first = (0..40)
+        .filter(|a| a % 10 != 0)
+        .map(|a| format!("acct{a:04}"))
+        .min_by_key(|a| (billrun::billing::settle::chunk_bucket(a), a.clone()))
+        .unwrap();
+    let mut lock = side.db.begin().await.unwrap();
+    lock.exec("SELECT id FROM accounts WHERE id = $1 FOR UPDATE", vec![first.as_str().into()])
+        .await
+        .unwrap();
+    let done_chunks = "SELECT COUNT(*) FROM job_runs WHERE job LIKE 'settle#%' AND outcome = 'ok'";
+    let watch = async {
+        // with one chunk at a time nothing is done until the lock goes: give up after 30 s
+        let mut seen = 0;
+        for _ in 0..300 {
+            seen = side.db.rows(done_chunks, vec![], &[Kind::Int]).await.unwrap()[0].int(0);
+            if seen >= 3 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        lock.rollback().await.unwrap();
+        seen
+    };
+    let (ticked, seen) = tokio::join!(side.tick(now, |_, _| {}), watch);
+    ticked.unwrap();
+    assert!(seen >= 3, "other chunks were settled while the first waited: {seen}");
+
+    assert_eq!(common::csv(&side).await, common::csv(&serial).await, "same lines, same ids");
+    let balances = "SELECT id, balance, COALESCE(in_arrears_since, -1) FROM accounts ORDER BY id";
+    let kinds = [Kind::Text, Kind::Money, Kind::Int];
+    let (a, b) = (
+        serial.db.rows(balances, vec![], &kinds).await.unwrap(),
+        side.db.rows(balances, vec![], &kinds).await.unwrap(),
+    );
+    assert_eq!(a.len(), 40);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((x.text(0), x.money(1), x.int(2)), (y.text(0), y.money(1), y.int(2)));
+    }
+    let lines = "SELECT COUNT(*) FROM ledger";
+    let n = serial.db.rows(lines, vec![], &[Kind::Int]).await.unwrap()[0].int(0);
+    assert!(n > 1500, "lines: {n}");
+    serial.db.close().await;
+    side.db.close().await;
+}

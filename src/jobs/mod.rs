@@ -168,6 +168,7 @@ async fn settle_step(
     let limits = Limits {
         chunk_resources: sched.chunk_resources,
         lease_seconds,
+        workers: sched.chunk_workers,
     };
     let started = std::time::Instant::now();
     let result = crate::store::settle::run(db, zone, &run, limits).await;

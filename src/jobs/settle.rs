@@ -19,6 +19,8 @@ pub struct Schedule {
     pub delay: i64,
     /// About this many pay-per-use resources are settled per chunk (one transaction, one claim).
     pub chunk_resources: usize,
+    /// Chunks settled at once on PostgreSQL (default 2; SQLite settles one at a time).
+    pub chunk_workers: usize,
 }
 
 impl Default for Schedule {
@@ -28,6 +30,7 @@ impl Default for Schedule {
             daily_cron: CronSchedule::default_daily(),
             delay: 3600,
             chunk_resources: crate::store::settle::DEFAULT_CHUNK_RESOURCES,
+            chunk_workers: crate::store::settle::DEFAULT_CHUNK_WORKERS,
         }
     }
 }

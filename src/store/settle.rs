@@ -22,12 +22,17 @@ use anyhow::{anyhow, bail, Context, Result};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Lines kept in an outcome for display (a settle --hour, the demo); the rest are only counted.
 pub const SHOWN_LINES: usize = 200;
 
 /// The default chunk: about this many pay-per-use resources per transaction.
 pub const DEFAULT_CHUNK_RESOURCES: usize = 20_000;
+
+/// Chunks a runner settles at once on PostgreSQL: two keep both of a small server's cores busy
+/// (one chunk's client work beside another's writes); more only queue on two cores.
+pub const DEFAULT_CHUNK_WORKERS: usize = 2;
 
 /// The job_state row holding the last hour any settle run has planned (loads mark hours up to it
 /// for re-settlement, since a run in progress may not see their data).
@@ -65,6 +70,16 @@ pub struct SettleOutcome {
 }
 
 impl SettleOutcome {
+    /// Adds what another worker of the same run settled.
+    fn merge(&mut self, o: SettleOutcome) {
+        self.chunks += o.chunks;
+        self.lines += o.lines;
+        self.amount_due += o.amount_due;
+        let room = SHOWN_LINES.saturating_sub(self.shown.len());
+        self.shown.extend(o.shown.into_iter().take(room));
+        self.arrears_began.extend(o.arrears_began);
+    }
+
     fn absorb(&mut self, c: ChunkOutcome) {
         self.chunks += 1;
         self.lines += c.lines.len();
@@ -157,6 +172,16 @@ pub fn bucket_sql(backend: Backend, col: &str) -> String {
     }
 }
 
+/// What one of a run's chunk workers did before it ran out of chunks, met a failure or a
+/// shutdown: the chunks it settled (by number), the first chunk held by another runner.
+#[derive(Default)]
+struct WorkerEnd {
+    settled: Vec<(usize, SettleOutcome)>,
+    held: Option<(usize, String, String, i64)>,
+    failed: Option<(usize, anyhow::Error)>,
+    interrupted: bool,
+}
+
 /// The claim name of chunk `k` of a run.
 pub fn chunk_job(job: &str, k: usize) -> String {
     format!("{job}#{k:05}")
@@ -178,6 +203,8 @@ pub enum Progress {
 pub struct Limits {
     pub chunk_resources: usize,
     pub lease_seconds: i64,
+    /// Chunks settled at once on PostgreSQL (SQLite: one at a time).
+    pub workers: usize,
 }
 
 /// Runs a settle run to its end: claims it (planning it if first), settles every chunk it can
@@ -224,35 +251,99 @@ pub async fn run(db: &Db, zone: &BillingZone, run: &SettleRun, limits: Limits) -
         chunks_total: plan.chunks(),
         ..Default::default()
     };
+    // PostgreSQL runs several chunks at once, each in its own transaction on its own connection,
+    // as replicas do (chunks hold disjoint accounts, so they never wait on each other); SQLite
+    // has one writer, and its chunks' `BEGIN IMMEDIATE` would only queue
+    let workers = match db.backend() {
+        Backend::Postgres => limits.workers.max(1),
+        Backend::Sqlite => 1,
+    };
     // a chunk released by a failed runner can be claimed again at once: look a few times
     for _ in 0..3 {
-        let mut held = None;
-        for k in 0..plan.chunks() {
-            if crate::shutdown::requested() {
-                return Ok(Progress::Interrupted(out));
-            }
-            let job = chunk_job(&run.job, k);
-            match runs::claim(db, &job, run.at, limits.lease_seconds).await? {
-                ClaimResult::Claimed(c) => {
-                    let keeper = (db.backend() == Backend::Postgres).then(|| LeaseKeeper::start(db, &c, limits.lease_seconds));
-                    let result = settle_chunk(db, zone, run, &plan, k, Some(&c)).await;
-                    drop(keeper);
-                    match result {
-                        Ok(chunk) => out.absorb(chunk),
-                        Err(e) => {
-                            if let Err(release_error) = runs::release(db, &c).await {
-                                tracing::warn!(error = %format!("{release_error:#}"), "could not release the claim of a failed chunk");
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let worker = || async {
+            let mut mine = WorkerEnd::default();
+            while !stop.load(Ordering::Relaxed) {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= plan.chunks() {
+                    break;
+                }
+                if crate::shutdown::requested() {
+                    mine.interrupted = true;
+                    break;
+                }
+                let job = chunk_job(&run.job, k);
+                let claimed = match runs::claim(db, &job, run.at, limits.lease_seconds).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        mine.failed = Some((k, e));
+                        break;
+                    }
+                };
+                match claimed {
+                    ClaimResult::Claimed(c) => {
+                        let keeper = (db.backend() == Backend::Postgres).then(|| LeaseKeeper::start(db, &c, limits.lease_seconds));
+                        let result = settle_chunk(db, zone, run, &plan, k, Some(&c)).await;
+                        drop(keeper);
+                        match result {
+                            Ok(chunk) => {
+                                let mut one = SettleOutcome::default();
+                                one.absorb(chunk);
+                                mine.settled.push((k, one));
                             }
-                            return Err(e.context(format!("chunk {} of {}", k + 1, plan.chunks())));
+                            Err(e) => {
+                                // the others finish the chunk they are in, then stop
+                                stop.store(true, Ordering::Relaxed);
+                                if let Err(release_error) = runs::release(db, &c).await {
+                                    tracing::warn!(error = %format!("{release_error:#}"), "could not release the claim of a failed chunk");
+                                }
+                                mine.failed = Some((k, e));
+                                break;
+                            }
                         }
                     }
+                    ClaimResult::Done | ClaimResult::Open(_) => {}
+                    ClaimResult::Held { owner, lease_until } => {
+                        mine.held.get_or_insert((k, job, owner, lease_until));
+                    }
                 }
-                ClaimResult::Done | ClaimResult::Open(_) => {}
-                ClaimResult::Held { owner, lease_until } => {
-                    held.get_or_insert((job, owner, lease_until));
+            }
+            mine
+        };
+        let ends = futures_util::future::join_all((0..workers).map(|_| worker())).await;
+        let mut held = None;
+        let mut failed = None;
+        let mut interrupted = false;
+        let mut settled = Vec::new();
+        for end in ends {
+            settled.extend(end.settled);
+            interrupted |= end.interrupted;
+            // the first chunk in order, whichever worker met it
+            if let Some(h) = end.held {
+                if held.as_ref().is_none_or(|x: &(usize, String, String, i64)| h.0 < x.0) {
+                    held = Some(h);
+                }
+            }
+            if let Some(f) = end.failed {
+                if failed.as_ref().is_none_or(|x: &(usize, anyhow::Error)| f.0 < x.0) {
+                    failed = Some(f);
                 }
             }
         }
+        // in chunk order, as one worker would have settled them
+        settled.sort_by_key(|(k, _)| *k);
+        for (_, one) in settled {
+            out.merge(one);
+        }
+        if let Some((k, e)) = failed {
+            return Err(e.context(format!("chunk {} of {}", k + 1, plan.chunks())));
+        }
+        if interrupted {
+            return Ok(Progress::Interrupted(out));
+        }
+        let held = held.map(|(_, job, owner, lease_until)| (job, owner, lease_until));
         if let Some((job, owner, lease_until)) = held {
             return Ok(Progress::Held { job, owner, lease_until });
         }
