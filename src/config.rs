@@ -102,23 +102,17 @@ impl Config {
             return Err(InputError(format!("--config: settlement_delay_seconds {delay} is not between 0 and 604800")).into());
         }
         let lease_seconds = flags.lease_seconds.or(file.lease_seconds).unwrap_or(DEFAULT_LEASE_SECONDS);
-        if !(2..=3600).contains(&lease_seconds) {
-            return Err(InputError(format!("--lease-seconds: {lease_seconds} is not between 2 and 3600")).into());
-        }
+        within("--lease-seconds", lease_seconds, 2, 3600)?;
         let chunk_resources = flags
             .chunk_resources
             .or(file.chunk_resources)
             .unwrap_or(crate::store::settle::DEFAULT_CHUNK_RESOURCES as i64);
-        if !(1..=10_000_000).contains(&chunk_resources) {
-            return Err(InputError(format!("--chunk-resources: {chunk_resources} is not between 1 and 10000000")).into());
-        }
+        within("--chunk-resources", chunk_resources, 1, 10_000_000)?;
         let chunk_workers = flags
             .chunk_workers
             .or(file.chunk_workers)
             .unwrap_or(crate::store::settle::DEFAULT_CHUNK_WORKERS as i64);
-        if !(1..=64).contains(&chunk_workers) {
-            return Err(InputError(format!("--chunk-workers: {chunk_workers} is not between 1 and 64")).into());
-        }
+        within("--chunk-workers", chunk_workers, 1, 64)?;
         let cron = |flag: &str, value: Option<String>, default: fn() -> CronSchedule| match value {
             None => Ok(default()),
             Some(v) => CronSchedule::parse(&v).map_err(|e| InputError(format!("{flag}: {e}"))),
@@ -174,5 +168,14 @@ impl Config {
             sinks,
             metrics_addr,
         })
+    }
+}
+
+/// Refuses a setting outside `lo..=hi`, naming its flag.
+fn within(flag: &str, value: i64, lo: i64, hi: i64) -> Result<(), InputError> {
+    if (lo..=hi).contains(&value) {
+        Ok(())
+    } else {
+        Err(InputError(format!("{flag}: {value} is not between {lo} and {hi}")))
     }
 }

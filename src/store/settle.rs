@@ -80,13 +80,16 @@ impl SettleOutcome {
         self.arrears_began.extend(o.arrears_began);
     }
 
-    fn absorb(&mut self, c: ChunkOutcome) {
-        self.chunks += 1;
-        self.lines += c.lines.len();
-        self.amount_due += c.lines.iter().map(|l| l.amount_due).sum::<Decimal>();
-        let room = SHOWN_LINES.saturating_sub(self.shown.len());
-        self.shown.extend(c.lines.into_iter().take(room));
-        self.arrears_began.extend(c.arrears_began);
+    /// One chunk's outcome (its lines counted, the first SHOWN_LINES kept).
+    fn of_chunk(c: ChunkOutcome) -> SettleOutcome {
+        SettleOutcome {
+            chunks: 1,
+            lines: c.lines.len(),
+            amount_due: c.lines.iter().map(|l| l.amount_due).sum(),
+            shown: c.lines.into_iter().take(SHOWN_LINES).collect(),
+            arrears_began: c.arrears_began,
+            ..Default::default()
+        }
     }
 }
 
@@ -288,11 +291,7 @@ pub async fn run(db: &Db, zone: &BillingZone, run: &SettleRun, limits: Limits) -
                         let result = settle_chunk(db, zone, run, &plan, k, Some(&c)).await;
                         drop(keeper);
                         match result {
-                            Ok(chunk) => {
-                                let mut one = SettleOutcome::default();
-                                one.absorb(chunk);
-                                mine.settled.push((k, one));
-                            }
+                            Ok(chunk) => mine.settled.push((k, SettleOutcome::of_chunk(chunk))),
                             Err(e) => {
                                 // the others finish the chunk they are in, then stop
                                 stop.store(true, Ordering::Relaxed);
@@ -312,27 +311,13 @@ pub async fn run(db: &Db, zone: &BillingZone, run: &SettleRun, limits: Limits) -
             }
             mine
         };
-        let ends = futures_util::future::join_all((0..workers).map(|_| worker())).await;
-        let mut held = None;
-        let mut failed = None;
-        let mut interrupted = false;
-        let mut settled = Vec::new();
-        for end in ends {
-            settled.extend(end.settled);
-            interrupted |= end.interrupted;
-            // the first chunk in order, whichever worker met it
-            if let Some(h) = end.held {
-                if held.as_ref().is_none_or(|x: &(usize, String, String, i64)| h.0 < x.0) {
-                    held = Some(h);
-                }
-            }
-            if let Some(f) = end.failed {
-                if failed.as_ref().is_none_or(|x: &(usize, anyhow::Error)| f.0 < x.0) {
-                    failed = Some(f);
-                }
-            }
-        }
+        let mut ends = futures_util::future::join_all((0..workers).map(|_| worker())).await;
+        // the first chunk in order that failed or was held, whichever worker met it
+        let failed = ends.iter_mut().filter_map(|e| e.failed.take()).min_by_key(|f| f.0);
+        let held = ends.iter_mut().filter_map(|e| e.held.take()).min_by_key(|h| h.0);
+        let interrupted = ends.iter().any(|e| e.interrupted);
         // in chunk order, as one worker would have settled them
+        let mut settled: Vec<_> = ends.into_iter().flat_map(|e| e.settled).collect();
         settled.sort_by_key(|(k, _)| *k);
         for (_, one) in settled {
             out.merge(one);
@@ -343,8 +328,7 @@ pub async fn run(db: &Db, zone: &BillingZone, run: &SettleRun, limits: Limits) -
         if interrupted {
             return Ok(Progress::Interrupted(out));
         }
-        let held = held.map(|(_, job, owner, lease_until)| (job, owner, lease_until));
-        if let Some((job, owner, lease_until)) = held {
+        if let Some((_, job, owner, lease_until)) = held {
             return Ok(Progress::Held { job, owner, lease_until });
         }
         if finalize(db, zone, run, &plan).await? {
@@ -370,7 +354,7 @@ async fn dry_run(db: &Db, zone: &BillingZone, run: &SettleRun, limits: Limits) -
         ..Default::default()
     };
     for k in 0..plan.chunks() {
-        out.absorb(settle_chunk(db, zone, run, &plan, k, None).await?);
+        out.merge(SettleOutcome::of_chunk(settle_chunk(db, zone, run, &plan, k, None).await?));
     }
     Ok(Progress::Done(out))
 }
