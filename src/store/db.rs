@@ -181,31 +181,60 @@ fn read_sqlite(row: &SqliteRow, kinds: &[Kind]) -> Result<Row> {
     Ok(Row(out))
 }
 
-/// One row packed by SQLite's `json_array`, read back by kinds (integers as JSON numbers, texts
-/// and stored amounts as JSON strings, NULL as null).
-fn unpack_row(packed: &str, kinds: &[Kind]) -> Result<Row> {
-    use serde_json::Value as J;
-    let cells: Vec<J> = serde_json::from_str(packed).with_context(|| format!("a packed row is not a JSON array: {packed}"))?;
-    anyhow::ensure!(
-        cells.len() == kinds.len(),
-        "a packed row has {} columns, not {}",
-        cells.len(),
-        kinds.len()
-    );
+/// Binds `args` as sqlx does: a parameter named `$N` or `?N` takes argument N, a bare `?` the
+/// next one. A parameter without its argument is refused (sqlx would bind NULL).
+fn bind_direct(stmt: &mut rusqlite::Statement<'_>, args: &[Val]) -> Result<()> {
+    let mut next = 0;
+    for i in 1..=stmt.parameter_count() {
+        let n = match stmt.parameter_name(i) {
+            Some(name) => name
+                .strip_prefix(['$', '?'])
+                .and_then(|d| d.parse::<usize>().ok())
+                .with_context(|| format!("parameter {name}: only $N and ? are used"))?,
+            None => {
+                next += 1;
+                next
+            }
+        };
+        let v = n
+            .checked_sub(1)
+            .and_then(|k| args.get(k))
+            .with_context(|| format!("parameter {n} of {} has no argument", args.len()))?;
+        match v {
+            Val::Int(v) => stmt.raw_bind_parameter(i, v)?,
+            Val::Text(v) => stmt.raw_bind_parameter(i, v.as_deref())?,
+            Val::Money(v) => stmt.raw_bind_parameter(i, v.map(|d| d.to_string()))?,
+        }
+    }
+    Ok(())
+}
+
+/// A row stepped by rusqlite, read by kinds as [`read_sqlite`] reads sqlx's.
+fn read_direct(row: &rusqlite::Row<'_>, kinds: &[Kind]) -> Result<Row> {
+    use rusqlite::types::ValueRef as V;
     let mut out = Vec::with_capacity(kinds.len());
-    for (i, (k, c)) in kinds.iter().zip(cells).enumerate() {
-        out.push(match (k, c) {
-            (Kind::Int, J::Null) => Val::Int(None),
-            (Kind::Int, J::Number(n)) => Val::Int(Some(n.as_i64().with_context(|| format!("column {i}: {n} is not an integer"))?)),
-            (Kind::Text, J::Null) => Val::Text(None),
-            (Kind::Text, J::String(t)) => Val::Text(Some(t)),
-            (Kind::Money, J::Null) => Val::Money(None),
-            (Kind::Money, J::String(t)) => Val::Money(Some(
-                Decimal::from_str(&t)
-                    .or_else(|_| Decimal::from_scientific(&t))
-                    .with_context(|| format!("column {i}: `{t}` is not a decimal"))?,
+    for (i, k) in kinds.iter().enumerate() {
+        let v = row.get_ref(i)?;
+        out.push(match (k, v) {
+            (Kind::Int, V::Null) => Val::Int(None),
+            (Kind::Int, V::Integer(n)) => Val::Int(Some(n)),
+            (Kind::Text, V::Null) => Val::Text(None),
+            (Kind::Text, V::Text(t)) => Val::Text(Some(
+                std::str::from_utf8(t)
+                    .with_context(|| format!("column {i} is not UTF-8"))?
+                    .to_owned(),
             )),
-            (k, c) => bail!("column {i}: expected {k:?}, the database holds {c}"),
+            (Kind::Money, V::Null) => Val::Money(None),
+            (Kind::Money, V::Text(t)) => {
+                let t = std::str::from_utf8(t).with_context(|| format!("column {i} is not UTF-8"))?;
+                Val::Money(Some(
+                    Decimal::from_str(t)
+                        .or_else(|_| Decimal::from_scientific(t))
+                        .with_context(|| format!("column {i}: `{t}` is not a decimal"))?,
+                ))
+            }
+            (Kind::Money, V::Integer(n)) => Val::Money(Some(Decimal::from(n))),
+            (k, v) => bail!("column {i}: expected {k:?}, the database holds {:?}", v.data_type()),
         });
     }
     Ok(Row(out))
@@ -449,27 +478,64 @@ impl Tx {
         }
     }
 
-    /// `SELECT <columns> <rest>`, for reads of hundreds of thousands of rows. sqlx's SQLite cost
-    /// is per value (each is copied, with an allocation, and handed across its worker thread), so
-    /// on SQLite each row comes back as one value, `json_array(<columns>)` built by SQLite, and is
-    /// decoded here by `kinds`. PostgreSQL reads the columns as they are.
+    /// `SELECT <columns> <rest>`, for reads of hundreds of thousands of rows: [`Tx::rows_bulk`].
     pub async fn rows_packed(&mut self, columns: &[&str], rest: &str, args: Vec<Val>, kinds: &[Kind]) -> Result<Vec<Row>> {
         debug_assert_eq!(columns.len(), kinds.len());
-        let list = columns.join(", ");
         // identifiers and numbered placeholders from this crate only
+        self.rows_bulk(AssertSqlSafe(format!("SELECT {} {rest}", columns.join(", "))), args, kinds)
+            .await
+    }
+
+    /// As [`Tx::rows`], for reads of many rows. sqlx's SQLite cost is per value (each is copied,
+    /// with an allocation, and handed across its worker thread: about 5 s of a 1M-line hour went
+    /// on reading its resources), so on SQLite the statement is stepped through rusqlite on the
+    /// transaction's own connection ([`Tx::sqlite_direct`]), each value read straight into its
+    /// `Val`. It is prepared afresh on every call, so it is for the few big reads of a run, not for
+    /// statements run thousands of times (sqlx keeps those prepared). PostgreSQL reads as `rows`.
+    pub async fn rows_bulk(&mut self, sql: impl SqlSafeStr, args: Vec<Val>, kinds: &[Kind]) -> Result<Vec<Row>> {
         if self.backend() == Backend::Postgres {
-            return self.rows(AssertSqlSafe(format!("SELECT {list} {rest}")), args, kinds).await;
+            return self.rows(sql, args, kinds).await;
         }
-        let packed = self
-            .rows(AssertSqlSafe(format!("SELECT json_array({list}) {rest}")), args, &[Kind::Text])
-            .await?;
-        packed
-            .iter()
-            .map(|r| match &r.0[0] {
-                Val::Text(Some(p)) => unpack_row(p, kinds),
-                other => bail!("json_array gave {other:?}"),
-            })
-            .collect()
+        let sql = sql.into_sql_str();
+        self.sqlite_direct(|conn| {
+            let mut stmt = conn.prepare(sql.as_str())?;
+            bind_direct(&mut stmt, &args)?;
+            let mut rows = stmt.raw_query();
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                out.push(read_direct(r, kinds)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Runs `f` with this SQLite transaction's own connection as a rusqlite `Connection`, for the
+    /// hot paths whose per-value cost through sqlx bounded them (a big hour's resource reads and
+    /// its ledger inserts). The connection is locked away from sqlx's worker thread while `f`
+    /// runs, so its statements run inside the transaction exactly as sqlx's do: they commit or
+    /// roll back with it. `f` must leave no statement behind (rusqlite finalizes those it
+    /// prepared when they drop) and must not end the transaction. On a multi-threaded runtime the
+    /// call moves this task's other work to another thread while it blocks.
+    pub async fn sqlite_direct<R>(&mut self, f: impl FnOnce(&rusqlite::Connection) -> Result<R>) -> Result<R> {
+        let Tx::Sqlite(t) = self else {
+            bail!("a direct SQLite call on a PostgreSQL transaction");
+        };
+        let mut locked = t.lock_handle().await?;
+        let handle = locked.as_raw_handle().as_ptr();
+        let run = move || -> Result<R> {
+            // SAFETY: `locked` guarantees that sqlx's worker makes no call on this handle while
+            // it lives (the guard outlives `conn`); `from_handle` neither owns nor closes it, and
+            // sqlx and rusqlite link the one libsqlite3-sys, so the handle types are the same.
+            let conn = unsafe { rusqlite::Connection::from_handle(handle) }?;
+            let out = f(&conn);
+            drop(conn);
+            out
+        };
+        let multi = tokio::runtime::Handle::try_current().is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let out = if multi { tokio::task::block_in_place(run) } else { run() };
+        drop(locked);
+        out
     }
 
     /// Runs several statements without arguments (migrations).
@@ -743,10 +809,12 @@ mod tests {
         }
     }
 
-    /// A packed read returns exactly what the plain read returns: texts that look like JSON or
-    /// numbers stay texts, NULLs stay NULL, integers and amounts exact.
+    /// A bulk read (rusqlite on the transaction's connection) returns exactly what the plain read
+    /// through sqlx returns: texts that look like JSON or numbers stay texts, NULLs stay NULL,
+    /// integers and amounts exact; it sees the transaction's own uncommitted rows; parameters bind
+    /// as sqlx binds them; a wrong kind or a missing argument is an error naming it.
     #[tokio::test]
-    async fn sqlite_packed_rows_equal_plain_rows() {
+    async fn sqlite_bulk_rows_equal_plain_rows() {
         let (_dir, db) = temp_sqlite().await;
         let mut tx = db.begin().await.unwrap();
         tx.exec("CREATE TABLE t (id TEXT, n INTEGER, amount TEXT, doc TEXT)", vec![])
@@ -783,5 +851,24 @@ mod tests {
         );
         let err = tx.rows_packed(&["id"], "FROM t", vec![], &[Kind::Int]).await.unwrap_err();
         assert!(format!("{err:#}").contains("column 0"), "{err:#}");
+        // $2 before $1, $1 twice; then bare `?` in order
+        let sql = "SELECT id, n FROM t WHERE (n > $2 AND id <> $1) OR id = $1 ORDER BY id";
+        let args = || vec!["007".into(), Val::Int(Some(i64::MAX - 3))];
+        let kinds = [Kind::Text, Kind::Int];
+        let bulk = tx.rows_bulk(sql, args(), &kinds).await.unwrap();
+        let plain = tx.rows(sql, args(), &kinds).await.unwrap();
+        assert_eq!(
+            bulk.iter().map(|r| &r.0).collect::<Vec<_>>(),
+            plain.iter().map(|r| &r.0).collect::<Vec<_>>()
+        );
+        assert_eq!(bulk.iter().map(|r| r.text(0)).collect::<Vec<_>>(), ["007", "say \"hi\"\\n"]);
+        let q = "SELECT id FROM t WHERE id IN (?, ?) ORDER BY id";
+        let bulk = tx.rows_bulk(q, vec!["1e5".into(), "".into()], &[Kind::Text]).await.unwrap();
+        assert_eq!(bulk.iter().map(|r| r.text(0)).collect::<Vec<_>>(), ["", "1e5"]);
+        let err = tx.rows_bulk(sql, vec!["007".into()], &kinds).await.unwrap_err();
+        assert!(format!("{err:#}").contains("parameter 2 of 1 has no argument"), "{err:#}");
+        // nothing was committed: another connection sees no table
+        tx.rollback().await.unwrap();
+        assert!(db.rows("SELECT id FROM t", vec![], &[Kind::Text]).await.is_err());
     }
 }

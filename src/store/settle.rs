@@ -728,7 +728,7 @@ async fn settle_hour(
     let (cond, extra) = range_sql(tx.backend(), "account_id", range, 3);
     let bucket = bucket_sql(tx.backend(), "account_id");
     let rows = tx
-        .rows(
+        .rows_bulk(
             sqlx::AssertSqlSafe(format!(
                 "SELECT id, account_id, plan_id, quantity, created_at, deleted_at, ppu_from, released_at, {bucket} FROM resources \
                  WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL) AND created_at < $2 AND (ppu_from IS NULL OR ppu_from < $2) \
@@ -779,7 +779,7 @@ async fn settle_hour(
     drop(rows);
     let (cond, extra) = range_sql(tx.backend(), "r.account_id", range, 4);
     let segments: Vec<UsageSegment> = tx
-        .rows(
+        .rows_bulk(
             sqlx::AssertSqlSafe(format!(
                 "SELECT s.resource_id, s.item, s.quantity, s.from_at, s.to_at FROM usage_segments s JOIN resources r ON r.id = s.resource_id \
                  WHERE s.superseded = 0 AND s.from_at < $2 AND s.from_at >= $3 AND s.to_at > $1{cond}"
