@@ -1052,6 +1052,75 @@ async fn a_large_export_has_every_line_once_in_order() {
     .await;
 }
 
+/// A run's chunks start at every `chunk_resources`-th pay-per-use resource in (bucket, account)
+/// order, the same on both backends (SQLite numbers its walk of the chunk index in Rust,
+/// PostgreSQL with a window function): accounts with several resources, prepaid resources not
+/// counted, a boundary falling inside an account repeated once only.
+#[tokio::test]
+async fn chunks_start_at_every_nth_pay_per_use_resource_in_bucket_order() {
+    use billrun::billing::settle::chunk_bucket;
+    use billrun::store::db::Kind;
+    let accounts: Vec<String> = (0..9)
+        .map(|i| format!("acct-{}", ["z", "b", "a9", "0", "y7", "Q", "m", "口", "k"][i]))
+        .collect();
+    let mut resources = Vec::new();
+    let mut ppu: Vec<(i64, String)> = Vec::new();
+    for (i, a) in accounts.iter().enumerate() {
+        for j in 0..=(i % 4) {
+            resources.push(format!(
+                r#"{{"id": "r{i}-{j}", "account": "{a}", "plan": "p", "mode": "pay_per_use", "created_at": "2023-04-18T00:00:00Z"}}"#
+            ));
+            ppu.push((i64::from(chunk_bucket(a)), a.clone()));
+        }
+        resources.push(format!(
+            r#"{{"id": "m{i}", "account": "{a}", "plan": "p", "mode": "monthly", "periods": 1, "purchased_at": "2023-04-18T00:00:00Z"}}"#
+        ));
+    }
+    let doc = format!(
+        r#"{{"accounts": [{}], "plans": [{{"id": "p", "product": "ecs", "hourly": {{"instance": "0.36"}}, "monthly": "30.00"}}],
+            "resources": [{}]}}"#,
+        accounts
+            .iter()
+            .map(|a| format!(r#"{{"id": "{a}", "balance": "1000.00", "currency": "USD"}}"#))
+            .collect::<Vec<_>>()
+            .join(", "),
+        resources.join(", ")
+    );
+    ppu.sort();
+    on_each_backend(async |be| {
+        for every in [1usize, 3, 4, 100] {
+            let world = common::fresh(be.name).await;
+            let mut b = world.open("UTC").await;
+            b.settle.chunk_resources = every;
+            b.load_json("chunks.json", &doc).await.unwrap();
+            b.tick(t("2023-04-18T02:00:00Z"), |_, _| {}).await.unwrap();
+            // each chunk's row records its range [keys[k-1], keys[k]) when done
+            let ranges: Vec<serde_json::Value> =
+                b.db.rows(
+                    "SELECT detail FROM job_runs WHERE job LIKE 'settle#%' AND scheduled_at = $1 ORDER BY job",
+                    vec![t("2023-04-18T02:00:00Z").into()],
+                    &[Kind::Text],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| serde_json::from_str(&r.text(0)).unwrap())
+                .collect();
+            let mut want: Vec<(i64, String)> = ppu.iter().skip(every - 1).step_by(every).cloned().collect();
+            want.dedup();
+            let got: Vec<(i64, String)> = ranges
+                .iter()
+                .filter_map(|r| serde_json::from_value(r["keys"][1].clone()).ok())
+                .collect();
+            assert_eq!(got, want, "{}: every {every}: {ranges:?}", be.name);
+            assert_eq!(ranges.len(), want.len() + 1, "{}: every {every}", be.name);
+            assert_eq!(ppu.len(), 21);
+            b.db.close().await;
+        }
+    })
+    .await;
+}
+
 /// A run planned by a build before migration 10 (account-id chunk bounds) is finished as it was
 /// planned, and bills what a run planned now bills, ids included.
 #[tokio::test]

@@ -382,19 +382,42 @@ async fn plan_of(tx: &mut Tx, run: &SettleRun, chunk_resources: usize) -> Result
     hours.dedup();
     // every chunk_resources-th pay-per-use resource in (bucket, account) order starts a chunk
     let bucket = bucket_sql(tx.backend(), "account_id");
-    let mut keys: Vec<ChunkKey> = tx
-        .rows(
-            sqlx::AssertSqlSafe(format!(
-                "SELECT b, account_id FROM (SELECT {bucket} AS b, account_id, ROW_NUMBER() OVER (ORDER BY {bucket}, account_id) AS rn \
-                 FROM resources WHERE mode = 'pay_per_use' OR ppu_from IS NOT NULL) x WHERE rn % $1 = 0 ORDER BY b, account_id"
-            )),
-            vec![(chunk_resources.max(1) as i64).into()],
-            &[Kind::Int, Kind::Text],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.int(0), r.text(1)))
-        .collect();
+    let every = chunk_resources.max(1);
+    let mut keys: Vec<ChunkKey> = match tx.backend() {
+        // SQLite walks the chunk index in its order and numbers the rows here: its window
+        // function took 2 s over 1M resources, the walk 0.3 s
+        Backend::Sqlite => {
+            let sql = format!(
+                "SELECT {bucket}, account_id FROM resources WHERE mode = 'pay_per_use' OR ppu_from IS NOT NULL ORDER BY {bucket}, account_id"
+            );
+            tx.sqlite_direct(|conn| {
+                let mut stmt = conn.prepare(&sql)?;
+                let mut rows = stmt.raw_query();
+                let (mut keys, mut n) = (Vec::new(), 0usize);
+                while let Some(r) = rows.next()? {
+                    n += 1;
+                    if n.is_multiple_of(every) {
+                        keys.push((r.get(0)?, r.get(1)?));
+                    }
+                }
+                Ok(keys)
+            })
+            .await?
+        }
+        Backend::Postgres => tx
+            .rows(
+                sqlx::AssertSqlSafe(format!(
+                    "SELECT b, account_id FROM (SELECT {bucket} AS b, account_id, ROW_NUMBER() OVER (ORDER BY {bucket}, account_id) AS rn \
+                     FROM resources WHERE mode = 'pay_per_use' OR ppu_from IS NOT NULL) x WHERE rn % $1 = 0 ORDER BY b, account_id"
+                )),
+                vec![(every as i64).into()],
+                &[Kind::Int, Kind::Text],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.int(0), r.text(1)))
+            .collect(),
+    };
     keys.dedup();
     Ok(SettlePlan {
         hours,
