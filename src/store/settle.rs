@@ -595,6 +595,8 @@ async fn settle_chunk(
         None => db.begin().await?,
     };
     let range = plan.range(k);
+    let started = std::time::Instant::now();
+    let mut read = std::time::Duration::ZERO;
     let plans = all_plans(&mut tx).await?;
     let periods = arrears_periods(&mut tx).await?;
     // the chunk's accounts, read (and on PostgreSQL locked, in id order) in one statement; later
@@ -619,6 +621,7 @@ async fn settle_chunk(
         .map(|c| ((c.package_id.clone(), c.cycle), c.used))
         .collect();
     let segment_span = super::world::segment_span(&mut tx).await?;
+    read += started.elapsed();
     for &hour in &plan.hours {
         let ctx = HourContext {
             zone,
@@ -629,7 +632,7 @@ async fn settle_chunk(
             periods: &periods,
             segment_span,
         };
-        lines.extend(settle_hour(&mut tx, &ctx, &mut books, &mut events, &mut quotas).await?);
+        lines.extend(settle_hour(&mut tx, &ctx, &mut books, &mut events, &mut quotas, &mut read).await?);
     }
     let out = ChunkOutcome {
         arrears_began: events
@@ -641,11 +644,13 @@ async fn settle_chunk(
             .collect(),
         lines,
     };
+    let computed = started.elapsed();
     let Some(claim) = claim.filter(|_| !run.dry_run) else {
         tx.rollback().await?;
         return Ok(out);
     };
     ledger::post_lines(&mut tx, &out.lines).await?;
+    let posted = started.elapsed();
     let changed: Vec<_> = books.values().filter(|b| b.changed).map(|b| &b.account).collect();
     save_accounts(&mut tx, changed).await?;
     packages::save_cycles(
@@ -659,7 +664,21 @@ async fn settle_chunk(
     record_arrears_events(&mut tx, &events).await?;
     let amount: Decimal = out.lines.iter().map(|l| l.amount_due).sum();
     runs::finish(&mut tx, claim, out.lines.len(), amount, range.to_json()).await?;
+    let saved = started.elapsed();
     tx.commit().await?;
+    let ms = |d: std::time::Duration| d.as_millis() as u64;
+    tracing::debug!(
+        job = %run.job,
+        chunk = k + 1,
+        of = plan.chunks(),
+        lines = out.lines.len(),
+        read_ms = ms(read),
+        compute_ms = ms(computed.saturating_sub(read)),
+        post_ms = ms(posted - computed),
+        save_ms = ms(saved - posted),
+        commit_ms = ms(started.elapsed() - saved),
+        "settled a chunk"
+    );
     Ok(out)
 }
 
@@ -736,6 +755,7 @@ async fn settle_hour(
     books: &mut HashMap<String, AccountBook>,
     events: &mut Vec<ArrearsEvent>,
     quotas: &mut HashMap<(String, String), Vec<CycleQuota>>,
+    read: &mut std::time::Duration,
 ) -> Result<Vec<LedgerLine>> {
     let HourContext {
         zone,
@@ -747,6 +767,7 @@ async fn settle_hour(
         segment_span,
     } = *ctx;
     let end = zone.next_hour(hour);
+    let reading = std::time::Instant::now();
     // pay-per-use from creation (or from a change to pay-per-use) until deletion or release
     let (cond, extra) = range_sql(tx.backend(), "account_id", range, 3);
     let bucket = bucket_sql(tx.backend(), "account_id");
@@ -821,6 +842,7 @@ async fn settle_hour(
         })
         .collect();
     let posted_lines = ledger::hour_lines(tx, hour, range).await?;
+    *read += reading.elapsed();
     // an account in arrears past its grace days has its pay-per-use resources frozen, then released
     let mut unbillable = Unbillable::new();
     for (account_id, list) in periods {
@@ -880,7 +902,10 @@ async fn settle_hour(
     }
     let mut drafts = reconcile(&desired, &posted);
     // count-metered units: drawn from the valid package cycles first, the rest billed
-    for (resource_id, item, at, units) in packages::hour_counts(tx, hour, end, range).await? {
+    let reading = std::time::Instant::now();
+    let counts = packages::hour_counts(tx, hour, end, range).await?;
+    *read += reading.elapsed();
+    for (resource_id, item, at, units) in counts {
         let billable = resources
             .get(&resource_id)
             .is_some_and(|r| r.created_at <= at && r.deleted_at.is_none_or(|d| at < d))
