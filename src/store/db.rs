@@ -181,6 +181,11 @@ fn read_sqlite(row: &SqliteRow, kinds: &[Kind]) -> Result<Row> {
     Ok(Row(out))
 }
 
+/// From this many rows on, SQLite writes them through [`Tx::sqlite_direct`]: its statement is
+/// prepared for the call, where sqlx keeps its own prepared, so a write of a row or two (a
+/// purchase at load, a top-up: a million of them in a big load) stays with sqlx.
+pub const DIRECT_FROM_ROWS: usize = 32;
+
 /// One prepared SQLite statement driven through the C API, for the one statement that runs a
 /// million times an hour (a ledger line's INSERT). rusqlite copies every bound text
 /// (`SQLITE_TRANSIENT`: an allocation and a copy per value, 1.1 s of a 1M hour); texts that live

@@ -137,11 +137,11 @@ pub(crate) async fn post_lines(tx: &mut Tx, lines: &[LedgerLine]) -> Result<u64>
     sorted.sort_unstable_by(|a, b| (a.transaction_time, &a.transaction_id).cmp(&(b.transaction_time, &b.transaction_id)));
     match tx {
         Tx::Postgres(t) if sorted.len() >= COPY_FROM_LINES => copy_lines(t, &sorted).await,
-        Tx::Postgres(_) => {
+        Tx::Sqlite(_) if sorted.len() >= super::db::DIRECT_FROM_ROWS => tx.sqlite_direct(|conn| insert_lines_direct(conn, &sorted)).await,
+        _ => {
             let rows = sorted.into_iter().map(line_row).collect();
             tx.insert_rows("ledger", line_columns(), rows, "").await
         }
-        Tx::Sqlite(_) => tx.sqlite_direct(|conn| insert_lines_direct(conn, &sorted)).await,
     }
 }
 
@@ -753,13 +753,13 @@ mod tests {
 
     /// Lines of every shape: NULL item and seconds, negative and long-scaled amounts, quotes and
     /// non-ASCII text, a NULL hour (prepaid), revisions.
-    fn odd_lines() -> Vec<LedgerLine> {
+    fn odd_lines(n: usize) -> Vec<LedgerLine> {
         use crate::billing::model::{BillingMode, TransactionType};
         use std::str::FromStr;
         let d = |s: &str| rust_decimal::Decimal::from_str(s).unwrap();
-        (0..7)
+        (0..n)
             .map(|i| LedgerLine {
-                transaction_id: format!("tx_{:027}", 7 - i),
+                transaction_id: format!("tx_{:027}", n - i),
                 transaction_time: 1_704_888_000 + i as i64 % 3,
                 account_id: format!("acct'{i}口"),
                 resource_id: format!("r\t{i}"),
@@ -794,56 +794,58 @@ mod tests {
             .collect()
     }
 
-    /// SQLite posts through rusqlite on the transaction's own connection: every column of every
-    /// line is stored exactly as the generic multi-row INSERT through sqlx stores it (values and
-    /// storage types), the lines commit with the transaction, and a second posting of a line fails
-    /// naming it and leaves nothing of its batch.
+    /// SQLite posts a batch of lines through the C API on the transaction's own connection, and a
+    /// line or two through sqlx: either way every column of every line is stored exactly as the
+    /// generic multi-row INSERT through sqlx stores it (values and storage types), the lines
+    /// commit with the transaction, and a second posting of a line fails naming it and leaves
+    /// nothing of its batch.
     #[tokio::test]
     async fn sqlite_direct_posting_stores_what_sqlx_stores() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
-            .await
-            .unwrap();
-        crate::store::schema::migrate(&db).await.unwrap();
-        let lines = odd_lines();
-        let mut tx = db.begin().await.unwrap();
-        tx.exec("CREATE TABLE generic AS SELECT * FROM ledger WHERE 0", vec![])
-            .await
-            .unwrap();
-        assert_eq!(post_lines(&mut tx, &lines).await.unwrap(), lines.len() as u64);
-        let rows = lines.iter().map(line_row).collect();
-        tx.insert_rows("generic", line_columns(), rows, "").await.unwrap();
-        tx.commit().await.unwrap();
-        let dump = |table: &str| {
-            let cols: Vec<String> = line_columns().iter().map(|c| format!("quote({c}) || ':' || typeof({c})")).collect();
-            let sql = format!("SELECT {} FROM {table} ORDER BY transaction_id", cols.join(" || '|' || "));
-            let conn = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
-            let mut stmt = conn.prepare(&sql).unwrap();
-            let rows: Vec<String> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
-            rows
-        };
-        let (direct, generic) = (dump("ledger"), dump("generic"));
-        assert_eq!(direct.len(), 7);
-        assert_eq!(direct, generic);
-        assert!(
-            direct[0].contains("'-12.50':text") || direct.iter().any(|r| r.contains("'-12.50':text")),
-            "{direct:?}"
-        );
-        assert!(direct.iter().any(|r| r.contains("NULL:null")), "{direct:?}");
-        // read back as lines: the same lines
-        for l in &lines {
-            assert_eq!(line(&db, &l.transaction_id).await.unwrap().as_ref(), Some(l));
+        for n in [super::super::db::DIRECT_FROM_ROWS + 9, 3] {
+            let dir = tempfile::tempdir().unwrap();
+            let db = Db::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+                .await
+                .unwrap();
+            crate::store::schema::migrate(&db).await.unwrap();
+            let lines = odd_lines(n);
+            let mut tx = db.begin().await.unwrap();
+            tx.exec("CREATE TABLE generic AS SELECT * FROM ledger WHERE 0", vec![])
+                .await
+                .unwrap();
+            assert_eq!(post_lines(&mut tx, &lines).await.unwrap(), n as u64);
+            let rows = lines.iter().map(line_row).collect();
+            tx.insert_rows("generic", line_columns(), rows, "").await.unwrap();
+            tx.commit().await.unwrap();
+            let dump = |table: &str| {
+                let cols: Vec<String> = line_columns().iter().map(|c| format!("quote({c}) || ':' || typeof({c})")).collect();
+                let sql = format!("SELECT {} FROM {table} ORDER BY transaction_id", cols.join(" || '|' || "));
+                let conn = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
+                let mut stmt = conn.prepare(&sql).unwrap();
+                let rows: Vec<String> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+                rows
+            };
+            let (direct, generic) = (dump("ledger"), dump("generic"));
+            assert_eq!(direct.len(), n);
+            assert_eq!(direct, generic);
+            assert!(direct.iter().any(|r| r.contains("'-12.50':text")), "{direct:?}");
+            assert!(direct.iter().any(|r| r.contains("NULL:null")), "{direct:?}");
+            // read back as lines: the same lines
+            for l in &lines {
+                assert_eq!(line(&db, &l.transaction_id).await.unwrap().as_ref(), Some(l));
+            }
+            // a batch holding one line already posted fails whole, naming it
+            let mut again = odd_lines(n);
+            again[0].transaction_id = "tx_new".into();
+            let mut tx = db.begin().await.unwrap();
+            let err = post_lines(&mut tx, &again).await.unwrap_err();
+            assert!(format!("{err:#}").contains("UNIQUE"), "{err:#}");
+            if n >= super::super::db::DIRECT_FROM_ROWS {
+                assert!(format!("{err:#}").contains("posting line tx_"), "{err:#}");
+            }
+            tx.rollback().await.unwrap();
+            assert_eq!(line(&db, "tx_new").await.unwrap(), None);
+            assert_eq!(dump("ledger").len(), n);
         }
-        // a batch holding one line already posted fails whole, naming it
-        let mut again = odd_lines();
-        again[0].transaction_id = "tx_new".into();
-        let mut tx = db.begin().await.unwrap();
-        let err = post_lines(&mut tx, &again).await.unwrap_err();
-        assert!(format!("{err:#}").contains("UNIQUE"), "{err:#}");
-        assert!(format!("{err:#}").contains("posting line tx_"), "{err:#}");
-        tx.rollback().await.unwrap();
-        assert_eq!(line(&db, "tx_new").await.unwrap(), None);
-        assert_eq!(dump("ledger").len(), 7);
     }
 
     #[test]

@@ -560,9 +560,10 @@ async fn read_books(tx: &mut Tx, ids: &str, args: Vec<Val>, in_order: bool) -> R
     };
     let sql =
         format!("SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id IN ({ids}) {lock}");
-    // `ids` is SQL written in this crate, with numbered placeholders for `args`
+    // `ids` is SQL written in this crate, with numbered placeholders for `args`; a chunk's books
+    // are thousands of accounts
     Ok(tx
-        .rows(sqlx::AssertSqlSafe(sql), args, ACCOUNT_KINDS)
+        .rows_bulk(sqlx::AssertSqlSafe(sql), args, ACCOUNT_KINDS)
         .await?
         .iter()
         .map(|r| AccountBook::new(account_of(r)))
@@ -571,6 +572,29 @@ async fn read_books(tx: &mut Tx, ids: &str, args: Vec<Val>, in_order: bool) -> R
 
 /// Writes balance and arrears state of accounts, many per statement.
 pub(crate) async fn save_accounts(tx: &mut Tx, accounts: Vec<&Account>) -> Result<()> {
+    if tx.backend() == super::db::Backend::Sqlite && accounts.len() >= super::db::DIRECT_FROM_ROWS {
+        // one prepared UPDATE by primary key per account, through the C API: a chunk's books are
+        // up to its 20,000 resources' accounts, and the UPDATE ... FROM (VALUES ...) through sqlx
+        // cost 3 µs an account (7.6 s of a 24-hour catch-up of 100k accounts)
+        return tx
+            .sqlite_direct(|conn| {
+                use std::fmt::Write as _;
+                let mut stmt =
+                    super::db::StaticStatement::prepare(conn, "UPDATE accounts SET balance = ?2, in_arrears_since = ?3 WHERE id = ?1")?;
+                let mut balance = String::with_capacity(32);
+                for a in &accounts {
+                    balance.clear();
+                    let _ = write!(balance, "{}", a.balance);
+                    stmt.bind_static(1, &a.id)?;
+                    stmt.bind_copy(2, &balance)?;
+                    stmt.bind_int(3, a.in_arrears_since)?;
+                    let n = stmt.execute()?;
+                    anyhow::ensure!(n == 1, "account {}: {n} rows updated", a.id);
+                }
+                Ok(())
+            })
+            .await;
+    }
     let rows = accounts
         .into_iter()
         .map(|a| vec![a.id.clone().into(), a.balance.into(), a.in_arrears_since.into()])
@@ -707,4 +731,73 @@ pub async fn topup(db: &Db, account_id: &str, amount: Decimal, at: i64) -> Resul
     let after = post_topup(&mut tx, account_id, amount, at).await?;
     tx.commit().await?;
     Ok(after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    /// Balances saved many at a time (SQLite: the C API) and one at a time (sqlx) are stored
+    /// alike: the amount as `Decimal`'s text, arrears as an integer or NULL; accounts not saved
+    /// keep theirs.
+    #[tokio::test]
+    async fn saved_balances_read_back_exactly_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+            .await
+            .unwrap();
+        crate::store::schema::migrate(&db).await.unwrap();
+        let n = super::super::db::DIRECT_FROM_ROWS + 5;
+        let mut tx = db.begin().await.unwrap();
+        for i in 0..n + 1 {
+            tx.exec(
+                "INSERT INTO accounts (id, currency, opening_balance, balance, grace_days, retention_days) VALUES ($1, 'USD', '0', '1.00', 15, 15)",
+                vec![format!("a'{i}").into()],
+            )
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+        let account = |i: usize| Account {
+            id: format!("a'{i}"),
+            currency: "USD".into(),
+            balance: Decimal::from_str(["-0.01", "1234567890.12", "0.00", "-7.5"][i % 4]).unwrap(),
+            in_arrears_since: i.is_multiple_of(3).then_some(1_704_880_800 + i as i64),
+            grace_days: 15,
+            retention_days: 15,
+        };
+        let many: Vec<Account> = (0..n).map(account).collect();
+        let mut tx = db.begin().await.unwrap();
+        save_accounts(&mut tx, many.iter().collect()).await.unwrap();
+        tx.commit().await.unwrap();
+        let one = Account {
+            balance: Decimal::from_str("-1122.80").unwrap(),
+            ..account(1)
+        };
+        let mut tx = db.begin().await.unwrap();
+        save_accounts(&mut tx, vec![&one]).await.unwrap();
+        tx.commit().await.unwrap();
+        let rows = db
+            .rows(
+                "SELECT id, quote(balance) || typeof(balance), in_arrears_since FROM accounts ORDER BY rowid",
+                vec![],
+                &[Kind::Text, Kind::Text, Kind::Int],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), n + 1);
+        for (i, r) in rows.iter().enumerate() {
+            let (balance, since) = match i {
+                1 => ("'-1122.80'text".to_string(), account(1).in_arrears_since),
+                i if i == n => ("'1.00'text".to_string(), None),
+                i => (format!("'{}'text", account(i).balance), account(i).in_arrears_since),
+            };
+            assert_eq!(
+                (r.text(0), r.text(1), r.opt_int(2)),
+                (format!("a'{i}"), balance, since),
+                "account {i}"
+            );
+        }
+    }
 }
