@@ -186,18 +186,19 @@ fn read_sqlite(row: &SqliteRow, kinds: &[Kind]) -> Result<Row> {
 /// purchase at load, a top-up: a million of them in a big load) stays with sqlx.
 pub const DIRECT_FROM_ROWS: usize = 32;
 
-/// One prepared SQLite statement driven through the C API, for the one statement that runs a
-/// million times an hour (a ledger line's INSERT). rusqlite copies every bound text
-/// (`SQLITE_TRANSIENT`: an allocation and a copy per value, 1.1 s of a 1M hour); texts that live
-/// as long as the statement are bound here without a copy (`SQLITE_STATIC`), which the lifetime
-/// `'a` makes sound: the statement, finalized when it drops, cannot outlive what it points to.
-pub(crate) struct StaticStatement<'a> {
+/// One prepared SQLite statement driven through the C API, for the statements that run a million
+/// times an hour (a ledger line's INSERT) or step a million rows (the export). rusqlite copies
+/// every bound text (`SQLITE_TRANSIENT`: an allocation and a copy per value, 1.1 s of a 1M hour);
+/// texts that live as long as the statement are bound here without a copy (`SQLITE_STATIC`), which
+/// the lifetime `'a` makes sound: the statement, finalized when it drops, cannot outlive what it
+/// points to. A row's columns are borrowed until the next step, which needs `&mut self`.
+pub(crate) struct CStatement<'a> {
     db: *mut rusqlite::ffi::sqlite3,
     stmt: *mut rusqlite::ffi::sqlite3_stmt,
     _bound: std::marker::PhantomData<&'a str>,
 }
 
-impl<'a> StaticStatement<'a> {
+impl<'a> CStatement<'a> {
     pub(crate) fn prepare(conn: &'a rusqlite::Connection, sql: &str) -> Result<Self> {
         use rusqlite::ffi;
         // SAFETY: the handle is the open connection `conn` borrows for 'a
@@ -214,7 +215,7 @@ impl<'a> StaticStatement<'a> {
                 std::ptr::null_mut(),
             )
         };
-        let s = StaticStatement {
+        let s = CStatement {
             db,
             stmt,
             _bound: std::marker::PhantomData,
@@ -309,7 +310,71 @@ impl<'a> StaticStatement<'a> {
     }
 }
 
-impl Drop for StaticStatement<'_> {
+/// A column of the current row, as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Column<'r> {
+    Null,
+    Int(i64),
+    Text(&'r [u8]),
+    /// Another storage class (REAL, BLOB), by its name.
+    Other(&'static str),
+}
+
+impl CStatement<'_> {
+    /// Steps to the next row of a query: false when there are no more.
+    pub(crate) fn next_row(&mut self) -> Result<bool> {
+        use rusqlite::ffi;
+        // SAFETY: a live statement
+        match unsafe { ffi::sqlite3_step(self.stmt) } {
+            ffi::SQLITE_ROW => Ok(true),
+            ffi::SQLITE_DONE => Ok(false),
+            rc => {
+                self.check(rc)?;
+                bail!("SQLite step returned {rc}")
+            }
+        }
+    }
+
+    /// The number of columns a row of this statement has.
+    pub(crate) fn width(&self) -> usize {
+        // SAFETY: a live statement
+        usize::try_from(unsafe { rusqlite::ffi::sqlite3_column_count(self.stmt) }).unwrap_or(0)
+    }
+
+    /// Column `i` (from 0, below `width`) of the row `next_row` stepped to.
+    pub(crate) fn column(&self, i: i32) -> Result<Column<'_>> {
+        use rusqlite::ffi;
+        // SAFETY: a live statement on a row; text is read before its length (SQLite's order), and
+        // stays valid until the next step, reset or finalize, each of which needs `&mut self`.
+        // The value is SQLite's "unprotected" kind, which is sound to read while no other thread
+        // uses the connection: the export's is its thread's own (NO_MUTEX), a transaction's is
+        // locked away from sqlx's worker while `sqlite_direct` runs
+        unsafe {
+            // the column's value looked up once, not once per call about it
+            let v = ffi::sqlite3_column_value(self.stmt, i);
+            Ok(match ffi::sqlite3_value_type(v) {
+                ffi::SQLITE_NULL => Column::Null,
+                ffi::SQLITE_INTEGER => Column::Int(ffi::sqlite3_value_int64(v)),
+                ffi::SQLITE_TEXT => {
+                    let p = ffi::sqlite3_value_text(v);
+                    let n = usize::try_from(ffi::sqlite3_value_bytes(v)).unwrap_or(0);
+                    if p.is_null() {
+                        // no text for a TEXT value: SQLite ran out of memory converting it
+                        self.check(ffi::sqlite3_errcode(self.db))?;
+                        anyhow::ensure!(n == 0, "column {i}: SQLite gave no text");
+                        Column::Text(&[])
+                    } else {
+                        Column::Text(std::slice::from_raw_parts(p, n))
+                    }
+                }
+                ffi::SQLITE_FLOAT => Column::Other("Real"),
+                _ => Column::Other("Blob"),
+            })
+        }
+    }
+}
+
+impl Drop for CStatement<'_> {
     fn drop(&mut self) {
         // SAFETY: the statement is finalized once, here, before anything it points to goes
         unsafe {

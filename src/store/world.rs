@@ -580,7 +580,7 @@ pub(crate) async fn save_accounts(tx: &mut Tx, accounts: Vec<&Account>) -> Resul
             .sqlite_direct(|conn| {
                 use std::fmt::Write as _;
                 let mut stmt =
-                    super::db::StaticStatement::prepare(conn, "UPDATE accounts SET balance = ?2, in_arrears_since = ?3 WHERE id = ?1")?;
+                    super::db::CStatement::prepare(conn, "UPDATE accounts SET balance = ?2, in_arrears_since = ?3 WHERE id = ?1")?;
                 let mut balance = String::with_capacity(32);
                 for a in &accounts {
                     balance.clear();
