@@ -523,9 +523,6 @@ fn read_export_batches(
     )
     .with_context(|| format!("opening {} to read the ledger", path.display()))?;
     conn.busy_timeout(super::db::sqlite_busy_timeout())?;
-    // pages of the database file read in place rather than copied out by a system call each
-    // (about 8% of the export); SQLite caps the size at its compile-time maximum (2 GiB)
-    conn.pragma_update(None, "mmap_size", 1i64 << 40)?;
     // stepped through the C API: rusqlite's checks per value (column count, type, a ValueRef)
     // were a tenth of this thread's time, and this thread bounds the export
     let mut stmt = super::db::CStatement::prepare(&conn, select)?;
