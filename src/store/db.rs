@@ -1011,6 +1011,50 @@ mod tests {
         }
     }
 
+    /// sqlx and the direct path take turns on one connection many thousands of times, in
+    /// transactions one after another on the pool, as settlement's chunks do (a hang here was why
+    /// session 5 gave the direct path up): every call returns, and every row written either way is
+    /// there. `BILLRUN_DIRECT_STRESS` sets the rounds (run by hand with a million).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlx_and_the_direct_path_take_turns_without_hanging() {
+        let rounds: usize = std::env::var("BILLRUN_DIRECT_STRESS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000);
+        let (_dir, db) = temp_sqlite().await;
+        db.exec("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)", vec![]).await.unwrap();
+        let run = async {
+            let mut k = 0i64;
+            while (k as usize) < rounds {
+                let mut tx = db.begin().await.unwrap();
+                for _ in 0..1000 {
+                    tx.exec("INSERT INTO t VALUES ($1, 'sqlx')", vec![k.into()]).await.unwrap();
+                    let n = tx
+                        .sqlite_direct(|conn| {
+                            conn.execute("INSERT INTO t VALUES (?1, 'direct')", [k + 1])?;
+                            Ok(conn.query_row("SELECT max(k) FROM t", [], |r| r.get::<_, i64>(0))?)
+                        })
+                        .await
+                        .unwrap();
+                    assert_eq!(n, k + 1);
+                    let rows = tx
+                        .rows_bulk("SELECT v FROM t WHERE k = $1", vec![k.into()], &[Kind::Text])
+                        .await
+                        .unwrap();
+                    assert_eq!(rows[0].text(0), "sqlx");
+                    k += 2;
+                }
+                tx.commit().await.unwrap();
+            }
+            k
+        };
+        let k = tokio::time::timeout(Duration::from_secs(600), run)
+            .await
+            .expect("a call never returned");
+        let n = db.rows("SELECT count(*) FROM t", vec![], &[Kind::Int]).await.unwrap();
+        assert_eq!(n[0].int(0), k);
+    }
+
     /// A bulk read (rusqlite on the transaction's connection) returns exactly what the plain read
     /// through sqlx returns: texts that look like JSON or numbers stay texts, NULLs stay NULL,
     /// integers and amounts exact; it sees the transaction's own uncommitted rows; parameters bind
