@@ -237,29 +237,28 @@ impl<'a> CStatement<'a> {
     /// Parameter `i` (from 1) is `text`, not copied: it lives as long as the statement.
     pub(crate) fn bind_static(&mut self, i: i32, text: &'a str) -> Result<()> {
         // SAFETY: `text` outlives the statement ('a), so SQLite may keep the pointer
-        let rc = unsafe {
-            rusqlite::ffi::sqlite3_bind_text64(
-                self.stmt,
-                i,
-                text.as_ptr().cast(),
-                text.len() as u64,
-                rusqlite::ffi::SQLITE_STATIC(),
-                rusqlite::ffi::SQLITE_UTF8 as u8,
-            )
-        };
-        self.check(rc)
+        unsafe { self.bind_text(i, text, rusqlite::ffi::SQLITE_STATIC()) }
     }
 
     /// Parameter `i` is a copy of `text` (a buffer reused for the next value).
     pub(crate) fn bind_copy(&mut self, i: i32, text: &str) -> Result<()> {
         // SAFETY: SQLite copies the text before returning (SQLITE_TRANSIENT)
+        unsafe { self.bind_text(i, text, rusqlite::ffi::SQLITE_TRANSIENT()) }
+    }
+
+    /// # Safety
+    /// With `SQLITE_STATIC`, `text` must stay valid and unchanged until the statement is finalized
+    /// or the parameter bound again.
+    unsafe fn bind_text(&mut self, i: i32, text: &str, how: rusqlite::ffi::sqlite3_destructor_type) -> Result<()> {
+        // SAFETY: a live statement; the text's pointer and length are its own; the caller answers
+        // for how long it lives
         let rc = unsafe {
             rusqlite::ffi::sqlite3_bind_text64(
                 self.stmt,
                 i,
                 text.as_ptr().cast(),
                 text.len() as u64,
-                rusqlite::ffi::SQLITE_TRANSIENT(),
+                how,
                 rusqlite::ffi::SQLITE_UTF8 as u8,
             )
         };
