@@ -195,6 +195,8 @@ pub const DIRECT_FROM_ROWS: usize = 32;
 pub(crate) struct CStatement<'a> {
     db: *mut rusqlite::ffi::sqlite3,
     stmt: *mut rusqlite::ffi::sqlite3_stmt,
+    /// An amount's text, written here before SQLite copies it.
+    scratch: String,
     _bound: std::marker::PhantomData<&'a str>,
 }
 
@@ -218,6 +220,7 @@ impl<'a> CStatement<'a> {
         let s = CStatement {
             db,
             stmt,
+            scratch: String::with_capacity(64),
             _bound: std::marker::PhantomData,
         };
         s.check(rc).with_context(|| format!("preparing {sql}"))?;
@@ -240,10 +243,17 @@ impl<'a> CStatement<'a> {
         unsafe { self.bind_text(i, text, rusqlite::ffi::SQLITE_STATIC()) }
     }
 
-    /// Parameter `i` is a copy of `text` (a buffer reused for the next value).
-    pub(crate) fn bind_copy(&mut self, i: i32, text: &str) -> Result<()> {
+    /// Parameter `i` is an amount, stored as its text (`Decimal`'s Display, as sqlx binds money on
+    /// SQLite), written into the statement's own buffer and copied by SQLite.
+    pub(crate) fn bind_decimal(&mut self, i: i32, d: Decimal) -> Result<()> {
+        use std::fmt::Write as _;
+        let mut text = std::mem::take(&mut self.scratch);
+        text.clear();
+        let _ = write!(text, "{d}");
         // SAFETY: SQLite copies the text before returning (SQLITE_TRANSIENT)
-        unsafe { self.bind_text(i, text, rusqlite::ffi::SQLITE_TRANSIENT()) }
+        let bound = unsafe { self.bind_text(i, &text, rusqlite::ffi::SQLITE_TRANSIENT()) };
+        self.scratch = text;
+        bound
     }
 
     /// # Safety
@@ -679,14 +689,6 @@ impl Tx {
         }
     }
 
-    /// `SELECT <columns> <rest>`, for reads of hundreds of thousands of rows: [`Tx::rows_bulk`].
-    pub async fn rows_packed(&mut self, columns: &[&str], rest: &str, args: Vec<Val>, kinds: &[Kind]) -> Result<Vec<Row>> {
-        debug_assert_eq!(columns.len(), kinds.len());
-        // identifiers and numbered placeholders from this crate only
-        self.rows_bulk(AssertSqlSafe(format!("SELECT {} {rest}", columns.join(", "))), args, kinds)
-            .await
-    }
-
     /// As [`Tx::rows`], for reads of many rows. sqlx's SQLite cost is per value (each is copied,
     /// with an allocation, and handed across its worker thread: about 5 s of a 1M-line hour went
     /// on reading its resources), so on SQLite the statement is stepped through rusqlite on the
@@ -1086,7 +1088,7 @@ mod tests {
             .await
             .unwrap();
         let packed = tx
-            .rows_packed(&["id", "n", "amount", "doc"], rest, vec![0.into()], &kinds)
+            .rows_bulk(AssertSqlSafe(format!("SELECT id, n, amount, doc {rest}")), vec![0.into()], &kinds)
             .await
             .unwrap();
         assert_eq!(plain.len(), texts.len());
@@ -1094,7 +1096,7 @@ mod tests {
             packed.iter().map(|r| &r.0).collect::<Vec<_>>(),
             plain.iter().map(|r| &r.0).collect::<Vec<_>>()
         );
-        let err = tx.rows_packed(&["id"], "FROM t", vec![], &[Kind::Int]).await.unwrap_err();
+        let err = tx.rows_bulk("SELECT id FROM t", vec![], &[Kind::Int]).await.unwrap_err();
         assert!(format!("{err:#}").contains("column 0"), "{err:#}");
         // $2 before $1, $1 twice; then bare `?` in order
         let sql = "SELECT id, n FROM t WHERE (n > $2 AND id <> $1) OR id = $1 ORDER BY id";

@@ -150,17 +150,9 @@ pub(crate) async fn post_lines(tx: &mut Tx, lines: &[LedgerLine]) -> Result<u64>
 /// value was copied into an argument list and the rows went as 1,000-row statements to its worker
 /// thread: 12 of a 1M hour's 29 s went on posting its lines.
 fn insert_lines_direct(conn: &rusqlite::Connection, lines: &[&LedgerLine]) -> Result<u64> {
-    use std::fmt::Write as _;
     let cols = line_columns();
     let marks = vec!["?"; cols.len()].join(", ");
     let mut stmt = super::db::CStatement::prepare(conn, &format!("INSERT INTO ledger ({}) VALUES ({marks})", cols.join(", ")))?;
-    // amounts as text, as sqlx bound them (`Decimal`'s Display), written into one reused buffer
-    let mut text = String::with_capacity(64);
-    let mut money = |stmt: &mut super::db::CStatement<'_>, i: i32, d: rust_decimal::Decimal| -> Result<()> {
-        text.clear();
-        let _ = write!(text, "{d}");
-        stmt.bind_copy(i, &text)
-    };
     let mut n = 0;
     for l in lines {
         stmt.bind_static(1, &l.transaction_id)?;
@@ -175,14 +167,14 @@ fn insert_lines_direct(conn: &rusqlite::Connection, lines: &[&LedgerLine]) -> Re
         stmt.bind_int(10, Some(l.period_start))?;
         stmt.bind_int(11, Some(l.period_end))?;
         stmt.bind_int(12, l.usage_seconds)?;
-        money(&mut stmt, 13, l.quantity)?;
-        money(&mut stmt, 14, l.unit_price)?;
-        money(&mut stmt, 15, l.list_amount)?;
-        money(&mut stmt, 16, l.truncated_amount)?;
-        money(&mut stmt, 17, l.amount_due)?;
-        money(&mut stmt, 18, l.paid_amount)?;
-        money(&mut stmt, 19, l.arrears_amount)?;
-        money(&mut stmt, 20, l.balance_after)?;
+        stmt.bind_decimal(13, l.quantity)?;
+        stmt.bind_decimal(14, l.unit_price)?;
+        stmt.bind_decimal(15, l.list_amount)?;
+        stmt.bind_decimal(16, l.truncated_amount)?;
+        stmt.bind_decimal(17, l.amount_due)?;
+        stmt.bind_decimal(18, l.paid_amount)?;
+        stmt.bind_decimal(19, l.arrears_amount)?;
+        stmt.bind_decimal(20, l.balance_after)?;
         stmt.bind_static(21, &l.currency)?;
         stmt.bind_int(22, l.hour_start)?;
         stmt.bind_static(23, &l.line_key)?;

@@ -112,8 +112,10 @@ async fn subscriptions(
     due_on: Option<NaiveDate>,
 ) -> Result<Vec<Subscription>> {
     let (rest, args) = subscriptions_select(tx.backend(), only, live_at, accounts, due_on);
-    // only constant SQL and numbered placeholders are in the text
-    let rows = tx.rows_packed(SUB_COLUMNS, &rest, args, SUB_KINDS).await?;
+    // only constant SQL and numbered placeholders are in the text; a day's due subscriptions are
+    // hundreds of thousands
+    let sql = sqlx::AssertSqlSafe(format!("SELECT {} {rest}", SUB_COLUMNS.join(", ")));
+    let rows = tx.rows_bulk(sql, args, SUB_KINDS).await?;
     rows.iter().map(sub_of).collect()
 }
 
