@@ -21,6 +21,7 @@ const SQLITE: &[(i64, &str)] = &[
     (13, include_str!("../../sql/sqlite/0013_ledger_hour_chunk_metered.sql")),
     (14, include_str!("../../sql/sqlite/0014_ledger_chunk_reads_by_id.sql")),
     (15, include_str!("../../sql/sqlite/0015_notifications_resource_alerts.sql")),
+    (16, include_str!("../../sql/sqlite/0016_resources_ppu_start.sql")),
 ];
 const POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../sql/postgres/0001_foundation.sql")),
@@ -38,6 +39,7 @@ const POSTGRES: &[(i64, &str)] = &[
     (13, include_str!("../../sql/postgres/0013_ledger_hour_chunk_metered.sql")),
     (14, include_str!("../../sql/postgres/0014_ledger_chunk_reads_by_id.sql")),
     (15, include_str!("../../sql/postgres/0015_notifications_resource_alerts.sql")),
+    (16, include_str!("../../sql/postgres/0016_resources_ppu_start.sql")),
 ];
 
 /// Brings the schema up to date. Concurrent starts are serialised by a lock on `meta`.
