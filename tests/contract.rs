@@ -1036,6 +1036,91 @@ async fn the_earliest_usage_is_the_first_entry_of_its_index() {
     .await;
 }
 
+/// Many rows a statement, on both backends (SQLite: `VALUES` lists of 1,000 rows; PostgreSQL: one
+/// array a column, `UNNEST`ed 5,000 rows at a time): every row is written once with its NULLs,
+/// awkward texts and amounts to the last digit, a conflict clause applies row by row, the
+/// `WITH v AS (VALUES ..) UPDATE` form updates exactly its rows, and on PostgreSQL (one array a
+/// column, of one type) a column whose values change kind is refused rather than bound as another.
+#[tokio::test]
+async fn multi_row_writes_keep_every_row_and_value() {
+    use billrun::store::db::{Backend, Kind, Val};
+    on_each_backend(async |be| {
+        let b = be.open("UTC").await;
+        let amount_type = match b.db.backend() {
+            Backend::Sqlite => "TEXT",
+            Backend::Postgres => "NUMERIC",
+        };
+        b.db.exec(
+            sqlx::AssertSqlSafe(format!(
+                "CREATE TABLE t (id TEXT PRIMARY KEY, n BIGINT, amount {amount_type}, note TEXT)"
+            )),
+            vec![],
+        )
+        .await
+        .unwrap();
+        let n = 10_503;
+        let row = |i: usize| -> Vec<Val> {
+            let amount = (!i.is_multiple_of(7)).then(|| Decimal::new(i as i64 * 101 - 500_000, 8));
+            let note = (!i.is_multiple_of(3)).then(|| format!("a'\\N口,\"{i}\"\r\n\t"));
+            vec![
+                format!("r{i:05}").into(),
+                Val::Int((!i.is_multiple_of(5)).then_some(i as i64 - 7_000)),
+                Val::Money(amount),
+                Val::Text(note),
+            ]
+        };
+        let cols = ["id", "n", "amount", "note"];
+        let mut tx = b.db.begin().await.unwrap();
+        let wrote = tx.insert_rows("t", &cols, (0..n).map(row).collect(), "").await.unwrap();
+        assert_eq!(wrote, n as u64, "{}", be.name);
+        // again, with two new ones: only those are written
+        let again = tx
+            .insert_rows("t", &cols, (0..n + 2).map(row).collect(), "ON CONFLICT (id) DO NOTHING")
+            .await
+            .unwrap();
+        assert_eq!(again, 2, "{}", be.name);
+        let updated = tx
+            .values_statements(
+                "WITH v(id, n) AS (VALUES ",
+                2,
+                (0..n)
+                    .step_by(2)
+                    .map(|i| vec![format!("r{i:05}").into(), Val::Int(Some(-1))])
+                    .collect(),
+                ") UPDATE t SET n = v.n FROM v WHERE t.id = v.id",
+            )
+            .await
+            .unwrap();
+        assert_eq!(updated, n.div_ceil(2) as u64, "{}", be.name);
+        tx.commit().await.unwrap();
+        let rows =
+            b.db.rows(
+                "SELECT id, n, amount, note FROM t ORDER BY id",
+                vec![],
+                &[Kind::Text, Kind::Int, Kind::Money, Kind::Text],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), n + 2, "{}", be.name);
+        for (i, r) in rows.iter().enumerate() {
+            let mut want = row(i);
+            if i % 2 == 0 && i < n {
+                want[1] = Val::Int(Some(-1));
+            }
+            assert_eq!(r.0, want, "{}: row {i}", be.name);
+        }
+        if b.db.backend() == Backend::Postgres {
+            let mut tx = b.db.begin().await.unwrap();
+            let mixed = vec![vec![Val::from("x1"), Val::Int(Some(1))], vec![Val::from("x2"), Val::from("2")]];
+            let refused = tx.insert_rows("t", &["id", "n"], mixed, "").await;
+            assert!(refused.is_err(), "a column of integers then a text was written");
+            tx.rollback().await.unwrap();
+        }
+        b.db.close().await;
+    })
+    .await;
+}
+
 /// `n` runs of `job`, `step` seconds apart from `from`, with the given outcome.
 async fn insert_runs(tx: &mut billrun::store::db::Tx, job: &str, from: i64, n: i64, step: i64, outcome: &str) {
     let rows = (0..n).map(|i| vec![job.into(), (from + i * step).into(), outcome.into()]).collect();
