@@ -31,7 +31,7 @@ pub struct Cli {
     /// Pay-per-use resources settled per chunk (a transaction and a claim replicas share out)
     #[arg(long, env = "BILLRUN_CHUNK_RESOURCES", global = true)]
     pub chunk_resources: Option<i64>,
-    /// Chunks one runner settles at once on PostgreSQL, each on its own connection [default: 2]
+    /// Settle chunks (and daily run parts) one runner does at once on PostgreSQL, each on its own connection [default: 2]
     #[arg(long, env = "BILLRUN_CHUNK_WORKERS", global = true)]
     pub chunk_workers: Option<i64>,
     /// When the settle job runs: cron with seconds in the billing time zone [default: 0 0 * * * *]

@@ -61,11 +61,13 @@ async fn three_processes_equal_one() {
         assert!(billrun(&be.url).arg("load").arg(&doc).status().unwrap().success());
     }
     assert!(billrun(&single.url).args(["tick", "--now", now]).status().unwrap().success());
-    // the replicas settle in chunks of 25 resources (4 a run), the single process in one
+    // the replicas settle in chunks of 25 resources (4 a run) and do the daily runs in parts of 7
+    // accounts, the single process each run in one
     let replicas: Vec<_> = (0..3)
         .map(|_| {
             billrun(&cluster.url)
                 .args(["tick", "--now", now, "--chunk-resources", "25"])
+                .env("BILLRUN_DAILY_BATCH_ACCOUNTS", "7")
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap()
@@ -95,9 +97,23 @@ async fn three_processes_equal_one() {
         .await
         .unwrap()[0]
         .int(0);
+    let parts = db
+        .rows(
+            "SELECT COUNT(*), COUNT(DISTINCT scheduled_at) FROM job_runs WHERE job LIKE 'daily#%' AND outcome = 'ok'",
+            vec![],
+            &[billrun::store::db::Kind::Int, billrun::store::db::Kind::Int],
+        )
+        .await
+        .unwrap();
     db.close().await;
     assert!(shared > 0, "some runs had their chunks settled by several replicas");
-    eprintln!("{shared} settle runs were split between replicas");
+    let (parts, days) = (parts[0].int(0), parts[0].int(1));
+    // the accounts with subscriptions, and more as accounts fall into arrears: up to 6 parts a run
+    assert!(
+        days >= 20 && parts >= 2 * days && parts <= 6 * days,
+        "{days} daily runs in {parts} parts"
+    );
+    eprintln!("{shared} settle runs were split between replicas; {days} daily runs in {parts} parts");
 }
 
 /// The reference: a fresh database that loads `doc` and ticks to `now` undisturbed. Returns it, its

@@ -1,17 +1,17 @@
 //! Jobs: each run is planned by pure functions of the stored state and an instant, then executed
-//! as one transaction keyed by (job, scheduled instant); `tick` and the daemon only loop over them.
+//! under a claim keyed by (job, scheduled instant), in one transaction or in parts (chunks) that
+//! are each one; `tick` and the daemon only loop over them.
 pub mod cron;
 pub mod daily;
 pub mod settle;
 
 use crate::billing::zone::BillingZone;
-use crate::store::db::Backend;
 use crate::store::db::Db;
-use crate::store::runs::{self, ClaimResult, LeaseKeeper};
+use crate::store::runs::{self, ClaimResult};
 use crate::store::settle::{Limits, Progress, SettleOutcome};
-use crate::store::subscriptions::{daily_run, DailyOutcome, DAILY_JOB};
+use crate::store::subscriptions::{daily_parts, daily_run, DailyLimits, DailyOutcome, DailyPlan, DailyProgress, DAILY_JOB};
 use crate::store::world::SETTLE_JOB;
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 /// What one run did.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,8 +82,8 @@ pub enum Step {
 }
 
 /// Does the earliest run due by `now`, in scheduled-time order across jobs: claims it with a
-/// lease of `lease_seconds` (renewed while it works), does it in one transaction, and on failure
-/// gives the claim back so that another runner can retry at once.
+/// lease of `lease_seconds` (renewed while it works), or joins it if it is open in parts; does it,
+/// and on failure gives the claim back so that another runner can retry at once.
 pub async fn step(db: &Db, zone: &BillingZone, sched: &settle::Schedule, lease_seconds: i64, now: i64) -> Result<Step> {
     let due = Due::read(db, zone, sched).await?;
     let Some((is_settle, at)) = due.first() else {
@@ -95,9 +95,18 @@ pub async fn step(db: &Db, zone: &BillingZone, sched: &settle::Schedule, lease_s
     if is_settle {
         return settle_step(db, zone, sched, lease_seconds, now, at, &due).await;
     }
-    let claim = match runs::claim(db, DAILY_JOB, at, lease_seconds).await? {
-        ClaimResult::Claimed(c) => c,
-        ClaimResult::Done | ClaimResult::Open(_) => {
+    let limits = DailyLimits {
+        workers: sched.chunk_workers,
+        lease_seconds,
+    };
+    let started = std::time::Instant::now();
+    let (result, claim) = match runs::claim(db, DAILY_JOB, at, lease_seconds).await? {
+        ClaimResult::Claimed(c) => (daily_run(db, zone, &c, limits).await, Some(c)),
+        ClaimResult::Open(detail) => {
+            let plan: DailyPlan = serde_json::from_str(&detail).with_context(|| format!("the stored plan of {DAILY_JOB}@{at}"))?;
+            (daily_parts(db, zone, at, &plan, limits).await, None)
+        }
+        ClaimResult::Done => {
             return Ok(Step::Ran(
                 at,
                 JobRun::Daily(DailyOutcome {
@@ -115,21 +124,30 @@ pub async fn step(db: &Db, zone: &BillingZone, sched: &settle::Schedule, lease_s
             })
         }
     };
-    let keeper = (db.backend() == Backend::Postgres).then(|| LeaseKeeper::start(db, &claim, lease_seconds));
-    let started = std::time::Instant::now();
-    let result = daily_run(db, zone, &claim).await;
-    drop(keeper);
     let duration = started.elapsed();
     match result {
-        Ok(o) => {
-            crate::metrics::run_finished(DAILY_JOB, "ok", duration);
+        Ok(DailyProgress::Done(o)) => {
             crate::metrics::posted(DAILY_JOB, o.lines, o.amount_due);
+            if !o.skipped {
+                crate::metrics::run_finished(DAILY_JOB, "ok", duration);
+            }
             Ok(Step::Ran(at, JobRun::Daily(o)))
         }
+        Ok(DailyProgress::Interrupted) => Ok(Step::Interrupted),
+        Ok(DailyProgress::Held { job, owner, lease_until }) => Ok(Step::Held {
+            job,
+            at,
+            owner,
+            lease_until,
+        }),
         Err(e) => {
             crate::metrics::run_finished(DAILY_JOB, "failed", duration);
-            if let Err(release_error) = runs::release(db, &claim).await {
-                tracing::warn!(error = %format!("{release_error:#}"), "could not release the claim of a failed run");
+            if let Some(claim) = claim {
+                // give the run back at once rather than make the others wait out the lease (a
+                // run already open in parts gave back its failed part)
+                if let Err(release_error) = runs::release(db, &claim).await {
+                    tracing::warn!(error = %format!("{release_error:#}"), "could not release the claim of a failed run");
+                }
             }
             Err(e.context(format!("{DAILY_JOB} run at {}", zone.format(at))))
         }

@@ -8,6 +8,7 @@ use super::db::{Backend, Db, Kind, Tx};
 use crate::clock;
 use anyhow::{bail, Result};
 use rust_decimal::Decimal;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -302,4 +303,110 @@ pub(crate) async fn finish(tx: &mut Tx, c: &Claim, lines: usize, amount_due: Dec
         );
     }
     Ok(())
+}
+
+/// The claim name of chunk `k` of a run.
+pub fn chunk_job(job: &str, k: usize) -> String {
+    format!("{job}#{k:05}")
+}
+
+/// How the chunks of an open run went in this process: those it did (in chunk order, with what
+/// each did), the first in order that failed or that another runner holds, and whether a shutdown
+/// stopped it between chunks.
+pub(crate) struct ChunkEnds<T> {
+    pub done: Vec<(usize, T)>,
+    pub failed: Option<(usize, anyhow::Error)>,
+    pub held: Option<(usize, String, String, i64)>,
+    pub interrupted: bool,
+}
+
+/// What one chunk worker did before it ran out of chunks, met a failure or a shutdown.
+struct WorkerEnd<T> {
+    done: Vec<(usize, T)>,
+    held: Option<(usize, String, String, i64)>,
+    failed: Option<(usize, anyhow::Error)>,
+    interrupted: bool,
+}
+
+/// Works through the chunks of the open run `job`@`at` with `workers` workers: each claims the next
+/// chunk not yet taken (`chunk_job`, a lease of `lease_seconds` kept alive while it works on
+/// PostgreSQL) and runs `one` on it, which commits the chunk only while the claim holds. A chunk
+/// done or held elsewhere is passed over; on a failure the failed chunk's claim is given back at
+/// once and the other workers stop after the chunk they are in.
+pub(crate) async fn run_chunks<T>(
+    db: &Db,
+    job: &str,
+    at: i64,
+    chunks: usize,
+    workers: usize,
+    lease_seconds: i64,
+    one: impl AsyncFn(usize, &Claim) -> Result<T>,
+) -> ChunkEnds<T> {
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let worker = || async {
+        let mut mine = WorkerEnd {
+            done: Vec::new(),
+            held: None,
+            failed: None,
+            interrupted: false,
+        };
+        while !stop.load(Ordering::Relaxed) {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            if k >= chunks {
+                break;
+            }
+            if crate::shutdown::requested() {
+                mine.interrupted = true;
+                break;
+            }
+            let name = chunk_job(job, k);
+            let claimed = match claim(db, &name, at, lease_seconds).await {
+                Ok(c) => c,
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    mine.failed = Some((k, e));
+                    break;
+                }
+            };
+            match claimed {
+                ClaimResult::Claimed(c) => {
+                    let keeper = (db.backend() == Backend::Postgres).then(|| LeaseKeeper::start(db, &c, lease_seconds));
+                    let result = one(k, &c).await;
+                    drop(keeper);
+                    match result {
+                        Ok(done) => mine.done.push((k, done)),
+                        Err(e) => {
+                            // the others finish the chunk they are in, then stop
+                            stop.store(true, Ordering::Relaxed);
+                            if let Err(release_error) = release(db, &c).await {
+                                tracing::warn!(error = %format!("{release_error:#}"), "could not release the claim of a failed chunk");
+                            }
+                            mine.failed = Some((k, e));
+                            break;
+                        }
+                    }
+                }
+                ClaimResult::Done | ClaimResult::Open(_) => {}
+                ClaimResult::Held { owner, lease_until } => {
+                    mine.held.get_or_insert((k, name, owner, lease_until));
+                }
+            }
+        }
+        mine
+    };
+    let mut ends = futures_util::future::join_all((0..workers.max(1)).map(|_| worker())).await;
+    // the first chunk in order that failed or was held, whichever worker met it
+    let failed = ends.iter_mut().filter_map(|e| e.failed.take()).min_by_key(|f| f.0);
+    let held = ends.iter_mut().filter_map(|e| e.held.take()).min_by_key(|h| h.0);
+    let interrupted = ends.iter().any(|e| e.interrupted);
+    // in chunk order, as one worker would have done them
+    let mut done: Vec<_> = ends.into_iter().flat_map(|e| e.done).collect();
+    done.sort_by_key(|(k, _)| *k);
+    ChunkEnds {
+        done,
+        failed,
+        held,
+        interrupted,
+    }
 }

@@ -22,7 +22,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Lines kept in an outcome for display (a settle --hour, the demo); the rest are only counted.
 pub const SHOWN_LINES: usize = 200;
@@ -180,20 +179,7 @@ pub fn bucket_sql(backend: Backend, col: &str) -> String {
     }
 }
 
-/// What one of a run's chunk workers did before it ran out of chunks, met a failure or a
-/// shutdown: the chunks it settled (by number), the first chunk held by another runner.
-#[derive(Default)]
-struct WorkerEnd {
-    settled: Vec<(usize, SettleOutcome)>,
-    held: Option<(usize, String, String, i64)>,
-    failed: Option<(usize, anyhow::Error)>,
-    interrupted: bool,
-}
-
-/// The claim name of chunk `k` of a run.
-pub fn chunk_job(job: &str, k: usize) -> String {
-    format!("{job}#{k:05}")
-}
+pub use super::runs::chunk_job;
 
 /// How far a run got in this process.
 #[derive(Clone, Debug, PartialEq)]
@@ -268,72 +254,20 @@ pub async fn run(db: &Db, zone: &BillingZone, run: &SettleRun, limits: Limits) -
     };
     // a chunk released by a failed runner can be claimed again at once: look a few times
     for _ in 0..3 {
-        let next = AtomicUsize::new(0);
-        let stop = AtomicBool::new(false);
-        let worker = || async {
-            let mut mine = WorkerEnd::default();
-            while !stop.load(Ordering::Relaxed) {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                if k >= plan.chunks() {
-                    break;
-                }
-                if crate::shutdown::requested() {
-                    mine.interrupted = true;
-                    break;
-                }
-                let job = chunk_job(&run.job, k);
-                let claimed = match runs::claim(db, &job, run.at, limits.lease_seconds).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        stop.store(true, Ordering::Relaxed);
-                        mine.failed = Some((k, e));
-                        break;
-                    }
-                };
-                match claimed {
-                    ClaimResult::Claimed(c) => {
-                        let keeper = (db.backend() == Backend::Postgres).then(|| LeaseKeeper::start(db, &c, limits.lease_seconds));
-                        let result = settle_chunk(db, zone, run, &plan, k, Some(&c)).await;
-                        drop(keeper);
-                        match result {
-                            Ok(chunk) => mine.settled.push((k, SettleOutcome::of_chunk(chunk))),
-                            Err(e) => {
-                                // the others finish the chunk they are in, then stop
-                                stop.store(true, Ordering::Relaxed);
-                                if let Err(release_error) = runs::release(db, &c).await {
-                                    tracing::warn!(error = %format!("{release_error:#}"), "could not release the claim of a failed chunk");
-                                }
-                                mine.failed = Some((k, e));
-                                break;
-                            }
-                        }
-                    }
-                    ClaimResult::Done | ClaimResult::Open(_) => {}
-                    ClaimResult::Held { owner, lease_until } => {
-                        mine.held.get_or_insert((k, job, owner, lease_until));
-                    }
-                }
-            }
-            mine
-        };
-        let mut ends = futures_util::future::join_all((0..workers).map(|_| worker())).await;
-        // the first chunk in order that failed or was held, whichever worker met it
-        let failed = ends.iter_mut().filter_map(|e| e.failed.take()).min_by_key(|f| f.0);
-        let held = ends.iter_mut().filter_map(|e| e.held.take()).min_by_key(|h| h.0);
-        let interrupted = ends.iter().any(|e| e.interrupted);
-        // in chunk order, as one worker would have settled them
-        let mut settled: Vec<_> = ends.into_iter().flat_map(|e| e.settled).collect();
-        settled.sort_by_key(|(k, _)| *k);
-        for (_, one) in settled {
+        let ends = runs::run_chunks(db, &run.job, run.at, plan.chunks(), workers, limits.lease_seconds, async |k, c| {
+            settle_chunk(db, zone, run, &plan, k, Some(c)).await.map(SettleOutcome::of_chunk)
+        })
+        .await;
+        for (_, one) in ends.done {
             out.merge(one);
         }
-        if let Some((k, e)) = failed {
+        if let Some((k, e)) = ends.failed {
             return Err(e.context(format!("chunk {} of {}", k + 1, plan.chunks())));
         }
-        if interrupted {
+        if ends.interrupted {
             return Ok(Progress::Interrupted(out));
         }
-        if let Some((_, job, owner, lease_until)) = held {
+        if let Some((_, job, owner, lease_until)) = ends.held {
             return Ok(Progress::Held { job, owner, lease_until });
         }
         if finalize(db, zone, run, &plan).await? {

@@ -540,26 +540,29 @@ pub(crate) async fn account(tx: &mut Tx, id: &str) -> Result<Option<Account>> {
 /// The accounts whose id the subquery `ids` selects, as books to charge: on PostgreSQL locked in
 /// id order until the transaction ends (their balances are about to move).
 pub(crate) async fn lock_books(tx: &mut Tx, ids: &str, args: Vec<Val>) -> Result<std::collections::HashMap<String, AccountBook>> {
-    Ok(read_books(tx, ids, args, false)
+    Ok(read_books(tx, ids, "", args, false)
         .await?
         .into_iter()
         .map(|b| (b.account.id.clone(), b))
         .collect())
 }
 
-/// [`lock_books`], in the database's order of account ids.
-pub(crate) async fn lock_books_in_order(tx: &mut Tx, ids: &str, args: Vec<Val>) -> Result<Vec<AccountBook>> {
-    read_books(tx, ids, args, true).await
+/// [`lock_books`], in the database's order of account ids; `also` is a further condition on the
+/// accounts' own `id` (` AND id >= $1`), which lets the server search the accounts by range
+/// instead of reading them all for a part of them.
+pub(crate) async fn lock_books_in_order(tx: &mut Tx, ids: &str, also: &str, args: Vec<Val>) -> Result<Vec<AccountBook>> {
+    read_books(tx, ids, also, args, true).await
 }
 
-async fn read_books(tx: &mut Tx, ids: &str, args: Vec<Val>, in_order: bool) -> Result<Vec<AccountBook>> {
+async fn read_books(tx: &mut Tx, ids: &str, also: &str, args: Vec<Val>, in_order: bool) -> Result<Vec<AccountBook>> {
     let lock = match (tx.backend(), in_order) {
         (super::db::Backend::Postgres, _) => "ORDER BY id FOR UPDATE",
         (super::db::Backend::Sqlite, true) => "ORDER BY id",
         (super::db::Backend::Sqlite, false) => "",
     };
-    let sql =
-        format!("SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id IN ({ids}) {lock}");
+    let sql = format!(
+        "SELECT id, currency, balance, in_arrears_since, grace_days, retention_days FROM accounts WHERE id IN ({ids}){also} {lock}"
+    );
     // `ids` is SQL written in this crate, with numbered placeholders for `args`; a chunk's books
     // are thousands of accounts
     Ok(tx
