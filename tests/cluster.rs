@@ -154,9 +154,12 @@ async fn kill_9_mid_run_then_resume_equals_undisturbed() {
         for trial in 0..trials {
             let be = common::fresh(name).await;
             assert!(billrun(&be.url).arg("load").arg(&doc).status().unwrap().success());
-            // in chunks of 100 resources: a kill lands between chunks of a run as well as between runs
+            // in chunks of 100 resources and daily parts of 3 accounts (the undisturbed run: one
+            // chunk, one transaction): a kill lands between chunks or parts of a run as well as
+            // between runs
             let mut child = billrun(&be.url)
                 .args(["tick", "--now", now, "--chunk-resources", "100"])
+                .env("BILLRUN_DAILY_BATCH_ACCOUNTS", "3")
                 .stdout(Stdio::null())
                 .spawn()
                 .unwrap();
@@ -166,7 +169,12 @@ async fn kill_9_mid_run_then_resume_equals_undisturbed() {
             let done = settle_runs(&be.url);
             interrupted += (done < total_runs) as u32;
             assert!(
-                billrun(&be.url).args(["tick", "--now", now]).status().unwrap().success(),
+                billrun(&be.url)
+                    .args(["tick", "--now", now])
+                    .env("BILLRUN_DAILY_BATCH_ACCOUNTS", "3")
+                    .status()
+                    .unwrap()
+                    .success(),
                 "{name} trial {trial}: resume"
             );
             let got = String::from_utf8(billrun(&be.url).arg("export").output().unwrap().stdout).unwrap();
