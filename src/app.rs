@@ -133,6 +133,7 @@ impl Billing {
             chunk_resources: self.settle.chunk_resources,
             lease_seconds: self.lease_seconds,
             workers: self.settle.chunk_workers,
+            parts: self.settle.chunk_parts,
         };
         loop {
             match crate::store::settle::run(&self.db, &self.zone, &run, limits).await? {

@@ -34,6 +34,9 @@ pub struct Cli {
     /// Settle chunks (and daily run parts) one runner does at once on PostgreSQL, each on its own connection [default: 2]
     #[arg(long, env = "BILLRUN_CHUNK_WORKERS", global = true)]
     pub chunk_workers: Option<i64>,
+    /// Parts a settle chunk is computed in on SQLite, each posted while the next is computed (1: none) [default: 8]
+    #[arg(long, env = "BILLRUN_CHUNK_PARTS", global = true)]
+    pub chunk_parts: Option<i64>,
     /// When the settle job runs: cron with seconds in the billing time zone [default: 0 0 * * * *]
     #[arg(long, env = "BILLRUN_SETTLE_CRON", global = true)]
     pub settle_cron: Option<String>,
@@ -174,6 +177,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         lease_seconds: cli.lease_seconds,
         chunk_resources: cli.chunk_resources,
         chunk_workers: cli.chunk_workers,
+        chunk_parts: cli.chunk_parts,
         settle_cron: cli.settle_cron.clone(),
         daily_cron: cli.daily_cron.clone(),
         webhook_url: cli.webhook_url.clone(),

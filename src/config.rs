@@ -34,6 +34,9 @@ pub struct FileConfig {
     pub chunk_resources: Option<i64>,
     /// Chunks one runner settles at once on PostgreSQL (default 2; SQLite: one at a time).
     pub chunk_workers: Option<i64>,
+    /// Parts a settle chunk is computed in on SQLite, each posted while the next is computed
+    /// (default 8; 1: compute the whole chunk, then post it).
+    pub chunk_parts: Option<i64>,
     /// When the settle job runs: cron with seconds, in the billing time zone (default `0 0 * * * *`).
     pub settle_cron: Option<String>,
     /// When the daily job runs (default `0 3 0 * * *`, 00:03:00 local).
@@ -48,6 +51,7 @@ pub struct Flags {
     pub lease_seconds: Option<i64>,
     pub chunk_resources: Option<i64>,
     pub chunk_workers: Option<i64>,
+    pub chunk_parts: Option<i64>,
     pub settle_cron: Option<String>,
     pub daily_cron: Option<String>,
     pub webhook_url: Option<String>,
@@ -113,6 +117,11 @@ impl Config {
             .or(file.chunk_workers)
             .unwrap_or(crate::store::settle::DEFAULT_CHUNK_WORKERS as i64);
         within("--chunk-workers", chunk_workers, 1, 64)?;
+        let chunk_parts = flags
+            .chunk_parts
+            .or(file.chunk_parts)
+            .unwrap_or(crate::store::settle::DEFAULT_CHUNK_PARTS as i64);
+        within("--chunk-parts", chunk_parts, 1, 64)?;
         let cron = |flag: &str, value: Option<String>, default: fn() -> CronSchedule| match value {
             None => Ok(default()),
             Some(v) => CronSchedule::parse(&v).map_err(|e| InputError(format!("{flag}: {e}"))),
@@ -163,6 +172,7 @@ impl Config {
                 delay,
                 chunk_resources: chunk_resources as usize,
                 chunk_workers: chunk_workers as usize,
+                chunk_parts: chunk_parts as usize,
             },
             lease_seconds,
             sinks,

@@ -354,6 +354,8 @@ fn hostile_arguments_exit_2_naming_the_argument() {
             &["--chunk-workers", "65", "tick", "--now", "2024-01-10T12:00:00Z"],
             "--chunk-workers",
         ),
+        (&["--chunk-parts", "0", "tick", "--now", "2024-01-10T12:00:00Z"], "--chunk-parts"),
+        (&["--chunk-parts", "65", "tick", "--now", "2024-01-10T12:00:00Z"], "--chunk-parts"),
         (&["--timezone", "Mars/Olympus_Mons", "status"], "--timezone"),
         (&["--timezone", "+99:00", "status"], "--timezone"),
         (&["unsubscribe", "日本語"], "日本語"),

@@ -679,3 +679,203 @@ async fn one_runner_settles_chunks_side_by_side_and_posts_what_one_at_a_time_doe
     serial.db.close().await;
     side.db.close().await;
 }
+
+/// A tick's stderr without the terminal colours tracing writes.
+fn plain_log(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// What a settled database holds, as an operator and accounting see it: the bills CSV, the
+/// outbox, the states, and the ledger in posting order.
+async fn holdings(url: &str) -> Vec<String> {
+    let text = |args: &[&str]| String::from_utf8(billrun(url).args(args).output().unwrap().stdout).unwrap();
+    let db = billrun::store::db::Db::connect(url).await.unwrap();
+    let order = db
+        .rows(
+            "SELECT transaction_id, balance_after FROM ledger ORDER BY seq",
+            vec![],
+            &[billrun::store::db::Kind::Text, billrun::store::db::Kind::Text],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {}\n", r.text(0), r.text(1)))
+        .collect::<String>();
+    db.close().await;
+    vec![
+        text(&["export"]),
+        text(&["notifications", "--json"]),
+        text(&["status", "--json"]),
+        order,
+    ]
+}
+
+/// On SQLite the chunks of a run of more than one chunk are computed in parts (ranges of buckets)
+/// on a read transaction of another connection while their own transaction posts the part before:
+/// the ledger (ids, amounts, balances, posting order), outbox and states equal those of chunks
+/// computed whole (`--chunk-parts 1`), in a busy world (arrears beginning, renewals) and in the
+/// demo's (usage segments, packages, counted units, freezes and releases).
+#[tokio::test]
+async fn chunks_computed_in_parts_post_what_whole_ones_do() {
+    let (_dir, doc) = world_doc(40, 100);
+    let demo = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/demo.json"));
+    for (doc, now, chunk, variants) in [
+        (doc, "2023-11-18T00:00:00Z", "30", &[1, 8, 64][..]),
+        (demo, "2023-05-20T00:00:00Z", "2", &[1, 8]),
+    ] {
+        let mut seen: Vec<Vec<String>> = Vec::new();
+        for &parts in variants {
+            let be = common::fresh("sqlite").await;
+            assert!(billrun(&be.url).arg("load").arg(&doc).status().unwrap().success());
+            let out = billrun(&be.url)
+                .args([
+                    "tick",
+                    "--now",
+                    now,
+                    "--chunk-resources",
+                    chunk,
+                    "--chunk-parts",
+                    &parts.to_string(),
+                ])
+                .env("BILLRUN_LOG", "billrun::store::settle=debug")
+                .output()
+                .unwrap();
+            let log = plain_log(&out.stderr);
+            assert!(out.status.success(), "{}: {log}", doc.display());
+            let chunks = log.matches("settled a chunk").count();
+            let parted = log.matches(&format!("overlapped=true parts={parts} ")).count();
+            if parts == 1 {
+                assert!(
+                    chunks > 100 && !log.contains("overlapped=true"),
+                    "{}: {chunks} chunks",
+                    doc.display()
+                );
+            } else {
+                // every chunk of a run of several, cut into as many parts as it has buckets for
+                // (these accounts' buckets lie close together: the middle chunks have few)
+                let several = log.matches("overlapped=true").count();
+                assert!(
+                    several > 100 && 2 * parted >= several,
+                    "{}: {parted} of {several} chunks in {parts} parts",
+                    doc.display()
+                );
+            }
+            seen.push(holdings(&be.url).await);
+        }
+        assert!(
+            seen[0][0].lines().count() > 100,
+            "{}: {} bill lines",
+            doc.display(),
+            seen[0][0].lines().count()
+        );
+        for (i, what) in ["export", "notifications", "status", "posting order"].iter().enumerate() {
+            for (v, got) in variants.iter().zip(&seen).skip(1) {
+                assert_eq!(got[i], seen[0][i], "{}: {what}, {v} parts", doc.display());
+            }
+        }
+    }
+}
+
+/// A part that fails to post fails its chunk whole: on SQLite the computing side stops, the
+/// chunk's transaction rolls back (no line of its earlier parts, no balance moved), the tick exits
+/// 1, and once the obstacle is gone the next tick posts what an undisturbed run does.
+#[tokio::test]
+async fn a_part_that_fails_to_post_leaves_its_chunk_unposted() {
+    use billrun::billing::settle::chunk_bucket;
+    use billrun::store::db::{Db, Kind};
+    // accounts whose ids spread them over the buckets (the world's own ids lie close together)
+    let spread = |a: usize| format!("k{:06x}", (a as u64 * 2_654_435_761) % 16_777_216);
+    let mut text = world(40, 100);
+    for a in 0..40 {
+        text = text.replace(&format!("\"acct{a:04}\""), &format!("\"{}\"", spread(a)));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("world.json");
+    std::fs::write(&doc, &text).unwrap();
+    let now = "2023-11-15T06:00:00Z";
+    let (_calm, expected, _) = undisturbed("sqlite", &doc, now).await;
+    // --chunk-resources 89: chunk 0 holds every account below the 89th pay-per-use resource's in
+    // (bucket, account) order, cut into 8 parts of its buckets
+    let mut keys: Vec<(u16, String)> = (0..100)
+        .filter(|r| r % 10 != 0)
+        .map(|r| (chunk_bucket(&spread(r % 40)), spread(r % 40)))
+        .collect();
+    keys.sort();
+    let key89 = keys[88].clone();
+    let rows = common::rows(&expected);
+    let first_time = rows.iter().find(|r| r["transaction_type"] == "usage").unwrap()["transaction_time"].clone();
+    let chunk0: Vec<&std::collections::HashMap<String, String>> = rows
+        .iter()
+        .filter(|r| r["transaction_time"] == first_time && r["transaction_type"] == "usage")
+        .filter(|r| (chunk_bucket(&r["account_id"]), r["account_id"].clone()) < key89)
+        .collect();
+    let part = |account: &str| (8 * u32::from(chunk_bucket(account)) / u32::from(key89.0).max(1)).min(7);
+    let mut parts: Vec<u32> = chunk0.iter().map(|r| part(&r["account_id"])).collect();
+    parts.dedup();
+    assert!(
+        parts.len() >= 2,
+        "chunk 0's lines of the first hour lie in several parts: {parts:?}"
+    );
+    // its last line in id order: in its last part, posted after the parts before it
+    let planted = chunk0.iter().map(|r| r["transaction_id"].clone()).max().unwrap();
+    let be = common::fresh("sqlite").await;
+    assert!(billrun(&be.url).arg("load").arg(&doc).status().unwrap().success());
+    let db = Db::connect(&be.url).await.unwrap();
+    let books = async || -> Vec<String> {
+        let rows = db
+            .rows("SELECT id, balance FROM accounts ORDER BY id", vec![], &[Kind::Text, Kind::Text])
+            .await
+            .unwrap();
+        rows.iter().map(|r| format!("{} {}", r.text(0), r.text(1))).collect()
+    };
+    let before = books().await;
+    let purchases = db.rows("SELECT COUNT(*) FROM ledger", vec![], &[Kind::Int]).await.unwrap()[0].int(0);
+    db.exec(
+        sqlx::AssertSqlSafe(format!(
+            "INSERT INTO ledger (transaction_id, transaction_time, account_id, resource_id, product, plan_id, billing_mode, \
+             transaction_type, period_start, period_end, quantity, unit_price, list_amount, truncated_amount, amount_due, paid_amount, \
+             arrears_amount, balance_after, currency, line_key, revision, run_job, run_at, explain) VALUES ('{planted}', 0, 'x', 'x', \
+             'x', 'x', 'pay_per_use', 'usage', 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 'USD', 'planted', 0, 'test', 0, '{{}}')"
+        )),
+        vec![],
+    )
+    .await
+    .unwrap();
+    let out = billrun(&be.url)
+        .args(["tick", "--now", now, "--chunk-resources", "89"])
+        .env("BILLRUN_LOG", "billrun::store::settle=debug")
+        .output()
+        .unwrap();
+    let log = plain_log(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("chunks=2") && log.contains("chunk 1 of 2") && log.contains("UNIQUE"),
+        "{log}"
+    );
+    let lines = db.rows("SELECT COUNT(*) FROM ledger", vec![], &[Kind::Int]).await.unwrap()[0].int(0);
+    assert_eq!(
+        lines,
+        purchases + 1,
+        "the purchases and the planted line: nothing of the failed chunk's earlier parts"
+    );
+    assert_eq!(books().await, before, "no balance moved");
+    db.exec("DELETE FROM ledger WHERE line_key = 'planted'", vec![]).await.unwrap();
+    db.close().await;
+    assert!(billrun(&be.url)
+        .args(["tick", "--now", now, "--chunk-resources", "89"])
+        .status()
+        .unwrap()
+        .success());
+    let got = String::from_utf8(billrun(&be.url).arg("export").output().unwrap().stdout).unwrap();
+    assert_eq!(got, expected);
+}

@@ -187,6 +187,7 @@ async fn settle_step(
         chunk_resources: sched.chunk_resources,
         lease_seconds,
         workers: sched.chunk_workers,
+        parts: sched.chunk_parts,
     };
     let started = std::time::Instant::now();
     let result = crate::store::settle::run(db, zone, &run, limits).await;

@@ -21,6 +21,9 @@ pub struct Schedule {
     pub chunk_resources: usize,
     /// Chunks settled at once on PostgreSQL (default 2; SQLite settles one at a time).
     pub chunk_workers: usize,
+    /// Parts a chunk is computed in on SQLite, each posted while the next is computed (default 8;
+    /// 1: the whole chunk is computed, then posted).
+    pub chunk_parts: usize,
 }
 
 impl Default for Schedule {
@@ -31,6 +34,7 @@ impl Default for Schedule {
             delay: 3600,
             chunk_resources: crate::store::settle::DEFAULT_CHUNK_RESOURCES,
             chunk_workers: crate::store::settle::DEFAULT_CHUNK_WORKERS,
+            chunk_parts: crate::store::settle::DEFAULT_CHUNK_PARTS,
         }
     }
 }

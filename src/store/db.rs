@@ -544,6 +544,16 @@ impl Db {
         })
     }
 
+    /// A read transaction. On SQLite a deferred `BEGIN`: its snapshot is taken at its first read,
+    /// and it never takes the write lock, so it reads beside a writer (WAL) instead of queueing.
+    /// Whatever it writes would fail on a lock upgrade: use it for reads only.
+    pub async fn begin_read(&self) -> Result<Tx> {
+        Ok(match self {
+            Db::Sqlite(p) => Tx::Sqlite(p.begin_with("BEGIN").await?),
+            Db::Postgres(p) => Tx::Postgres(p.begin().await?),
+        })
+    }
+
     pub async fn exec(&self, sql: impl SqlSafeStr, args: Vec<Val>) -> Result<u64> {
         Ok(match self {
             Db::Sqlite(p) => bind_sqlite(sqlx::query(sql), args).execute(p).await?.rows_affected(),
