@@ -35,8 +35,8 @@ pub const DEFAULT_CHUNK_WORKERS: usize = 2;
 
 /// The parts a chunk's accounts are computed in on SQLite, by ranges of buckets: each part's lines
 /// are posted while the next part is computed (see [`settle_chunk`]). With 8, the 1M hour took
-/// 10.5-12.2 s against 13.0-14.1 s computed whole (one chunk's lines are then in memory twice at
-/// most, posted and being computed; 16 and 24 parts were no faster and used more memory).
+/// 10.5-12.2 s against 13.0-14.1 s computed whole (in memory: the chunk's lines posted so far and
+/// up to three parts on their way; 16 and 24 parts were no faster and used more memory).
 pub const DEFAULT_CHUNK_PARTS: usize = 8;
 
 /// The job_state row holding the last hour any settle run has planned (loads mark hours up to it
