@@ -361,7 +361,7 @@ async fn ledger_migration_keeps_every_row() {
                     FROM ledger ORDER BY seq";
         let kinds = [Kind::Int, Kind::Text, Kind::Int, Kind::Money, Kind::Money, Kind::Money, Kind::Money, Kind::Text, Kind::Int, Kind::Text];
         let before: Vec<String> = db.rows(dump, vec![], &kinds).await.unwrap().iter().map(|r| format!("{:?}", r.0)).collect();
-        assert_eq!(migrate(&db).await.unwrap(), 16, "{}", be.name);
+        assert_eq!(migrate(&db).await.unwrap(), 17, "{}", be.name);
         if be.name == "postgres" {
             // room on each page for balance (migration 9) and subscription (11) updates to stay HOT
             for (table, fill) in [("accounts", "fillfactor=50"), ("resources", "fillfactor=80")] {
@@ -925,6 +925,60 @@ async fn the_export_walks_the_time_index_without_statistics() {
             ..whole
         };
         assert!(pg_export_settings(&one).is_empty(), "an account's export is planned as usual");
+        b.db.close().await;
+    })
+    .await;
+}
+
+/// A refund finds the cycles its subscription paid for in their own index (migration 17), never by
+/// reading the whole ledger, which settlement grows by a line a resource an hour; and it still
+/// refunds exactly, with the ledger full of other lines (some of them the same resource's).
+#[tokio::test]
+async fn a_refund_searches_the_paid_cycles_not_the_ledger() {
+    use billrun::store::db::Backend;
+    use billrun::store::subscriptions::PAID_CYCLES_SQL;
+    let doc = r#"{
+      "accounts": [{"id": "acme", "balance": "100.00"}],
+      "plans": [{"id": "vm", "product": "KooPhone", "hourly": {"instance": "0.36"}, "monthly": "9.90"}],
+      "resources": [{"id": "s1", "account": "acme", "plan": "vm", "mode": "monthly", "purchased_at": "2024-01-01T00:00:00Z"}]
+    }"#;
+    on_each_backend(async |be| {
+        let b = be.open("UTC").await;
+        b.load_json("refund.json", doc).await.unwrap();
+        b.renew("s1", 1, t("2024-01-05T00:00:00Z")).await.unwrap();
+        // a ledger of some size, never analyzed, with usage lines of s1 among them
+        let mut tx = b.db.begin().await.unwrap();
+        insert_minute_lines(&mut tx, 20_000).await;
+        tx.exec(
+            "UPDATE ledger SET resource_id = 's1' WHERE transaction_id IN ('tx_7', 'tx_70')",
+            vec![],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+
+        let mut tx = plan_tx(&b.db).await;
+        let plan = query_plan(&mut tx, PAID_CYCLES_SQL, vec!["s1".into()]).await;
+        let searched = match b.db.backend() {
+            Backend::Sqlite => {
+                plan.contains("SEARCH ledger USING INDEX ledger_paid_cycles (resource_id=?)") && !plan.contains("TEMP B-TREE")
+            }
+            Backend::Postgres => plan.contains("Scan using ledger_paid_cycles on ledger") && !plan.contains("Sort"),
+        };
+        assert!(searched, "{}: the paid cycles' plan\n{plan}", be.name);
+        assert!(!plan.contains("SCAN ledger") && !plan.contains("Seq Scan"), "{}\n{plan}", be.name);
+        tx.rollback().await.unwrap();
+
+        // 12 whole days of the current cycle used (9.90 / 30 x 12 = 3.96), the renewed cycle
+        // not begun: 9.90 - 3.96 + 9.90
+        let refund = b.unsubscribe("s1", t("2024-01-13T00:00:00Z")).await.unwrap().expect("a refund");
+        assert_eq!(refund.amount_due, dec("-15.84"), "{}", be.name);
+        assert_eq!(
+            (refund.period_start, refund.period_end),
+            (t("2024-01-13T00:00:00Z"), t("2024-03-02T00:00:00Z")),
+            "{}: from the unsubscription to the end of the renewed cycle",
+            be.name
+        );
         b.db.close().await;
     })
     .await;

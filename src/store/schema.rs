@@ -22,6 +22,7 @@ const SQLITE: &[(i64, &str)] = &[
     (14, include_str!("../../sql/sqlite/0014_ledger_chunk_reads_by_id.sql")),
     (15, include_str!("../../sql/sqlite/0015_notifications_resource_alerts.sql")),
     (16, include_str!("../../sql/sqlite/0016_resources_ppu_start.sql")),
+    (17, include_str!("../../sql/sqlite/0017_ledger_paid_cycles.sql")),
 ];
 const POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../sql/postgres/0001_foundation.sql")),
@@ -40,6 +41,7 @@ const POSTGRES: &[(i64, &str)] = &[
     (14, include_str!("../../sql/postgres/0014_ledger_chunk_reads_by_id.sql")),
     (15, include_str!("../../sql/postgres/0015_notifications_resource_alerts.sql")),
     (16, include_str!("../../sql/postgres/0016_resources_ppu_start.sql")),
+    (17, include_str!("../../sql/postgres/0017_ledger_paid_cycles.sql")),
 ];
 
 /// Brings the schema up to date. Concurrent starts are serialised by a lock on `meta`.

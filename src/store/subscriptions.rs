@@ -938,6 +938,11 @@ pub async fn renew(db: &Db, zone: &BillingZone, resource: &str, periods: i64, at
     Ok(line)
 }
 
+/// The cycles a subscription paid for, in order: its purchase and renewal lines, searched in their
+/// own index (migration 17), never the whole ledger.
+pub const PAID_CYCLES_SQL: &str = "SELECT period_start, period_end, list_amount, explain FROM ledger \
+     WHERE resource_id = $1 AND transaction_type IN ('purchase', 'renewal') ORDER BY period_start";
+
 /// Refund for stopping a subscription at `at`, as a negative `refund` line (None if nothing is left).
 async fn refund_line(
     tx: &mut Tx,
@@ -950,7 +955,7 @@ async fn refund_line(
 ) -> Result<Option<LedgerLine>> {
     let rows = tx
         .rows(
-            "SELECT period_start, period_end, list_amount, explain FROM ledger WHERE resource_id = $1 AND transaction_type IN ('purchase', 'renewal') ORDER BY period_start",
+            PAID_CYCLES_SQL,
             vec![sub.id.clone().into()],
             &[Kind::Int, Kind::Int, Kind::Money, Kind::Text],
         )
