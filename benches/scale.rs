@@ -466,7 +466,7 @@ async fn raw_insert(db: &Db, n: usize) -> Result<&'static str> {
                 let conn = rusqlite::Connection::open(&path)?;
                 conn.busy_timeout(std::time::Duration::from_secs(60))?;
                 conn.execute_batch(
-                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 65536",
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 65536",
                 )?;
                 let per = 1000;
                 let row = format!("({})", vec!["?"; cols.len()].join(", "));

@@ -488,7 +488,11 @@ impl Db {
                 .map_err(|e| anyhow!("database URL {shown}: {e}"))?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal)
+                // FULL: a commit is on disk (the WAL synced) before it returns, so an acknowledged
+                // top-up or settled chunk survives a power loss; with NORMAL it could roll back.
+                // About 0.16 ms a commit here: nothing for a chunk of 20,000 lines, 0.5 s over
+                // the empty year's ~3,000 runs.
+                .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(sqlite_busy_timeout())
                 .foreign_keys(true)
                 // 64 MiB page cache: a big hour's inserts stay in memory until commit
@@ -971,6 +975,20 @@ mod tests {
             .await
             .unwrap();
         (dir, db)
+    }
+
+    /// Every connection the SQLite pool hands out commits durably: WAL, synced at each commit.
+    #[tokio::test]
+    async fn sqlite_connections_commit_durably() {
+        let (_dir, db) = temp_sqlite().await;
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let mut tx = db.begin_read().await.unwrap();
+            let mode = tx.rows("PRAGMA journal_mode", vec![], &[Kind::Text]).await.unwrap()[0].text(0);
+            let sync = tx.rows("PRAGMA synchronous", vec![], &[Kind::Int]).await.unwrap()[0].int(0);
+            assert_eq!((mode.as_str(), sync), ("wal", 2), "connection {}: 2 is FULL", held.len() + 1);
+            held.push(tx);
+        }
     }
 
     /// Reads inside a SQLite transaction: `$N` placeholders bind argument N (in any order, used
