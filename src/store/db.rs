@@ -991,6 +991,23 @@ mod tests {
         }
     }
 
+    /// The bundled SQLite is built without a page cache shared by every connection of the process
+    /// (`.cargo/config.toml`): a settle chunk's reading and posting connections would take its
+    /// mutex for every page.
+    #[tokio::test]
+    async fn sqlite_page_caches_are_per_connection() {
+        let (_dir, db) = temp_sqlite().await;
+        let options: Vec<String> = db
+            .rows("PRAGMA compile_options", vec![], &[Kind::Text])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.text(0))
+            .collect();
+        assert!(options.iter().any(|o| o == "THREADSAFE=1"), "{options:?}");
+        assert!(!options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"), "{options:?}");
+    }
+
     /// Reads inside a SQLite transaction: `$N` placeholders bind argument N (in any order, used
     /// twice), bare `?` the next one; every kind reads back exactly; a wrong kind names the column.
     #[tokio::test]
