@@ -984,6 +984,90 @@ async fn a_refund_searches_the_paid_cycles_not_the_ledger() {
     .await;
 }
 
+/// Whether a span of settle runs has anything to settle (tried for every catch-up of two runs or
+/// more) is answered from indexes, never by reading the ledger; and a line posted for one of its
+/// hours (by `settle --hour` ahead of the schedule, say), with a current or an older id, makes
+/// the span busy, so the runs reconcile it; lines of the hours around it do not.
+#[tokio::test]
+async fn a_quiet_span_is_checked_in_indexes_and_its_posted_lines_make_it_busy() {
+    use billrun::billing::settle::metered_transaction_id;
+    use billrun::store::db::{Backend, Kind};
+    use billrun::store::settle::{record_empty_runs, span_busy_sql};
+    let h = t("2024-03-01T00:00:00Z");
+    // four hourly runs, each settling the hour two hours before it
+    let runs: Vec<(i64, Vec<i64>)> = (0..4).map(|i| (h + (i + 2) * 3600, vec![h + i * 3600])).collect();
+    let line = |id: &str, hour: i64| {
+        format!(
+            "INSERT INTO ledger (transaction_id, transaction_time, account_id, resource_id, product, plan_id, billing_mode, \
+             transaction_type, billing_item, period_start, period_end, usage_seconds, quantity, unit_price, list_amount, \
+             truncated_amount, amount_due, paid_amount, arrears_amount, balance_after, currency, hour_start, line_key, revision, \
+             run_job, run_at, explain) VALUES ('{id}', {hour}, 'a', 'r', 'KooPhone', 'p', 'pay_per_use', 'usage', 'instance', \
+             {hour}, {hour} + 3600, 3600, 1, 0.36, 0.36000000, 0.00000000, 0.36, 0.36, 0.00, 9.64, 'USD', {hour}, 'k{id}', 0, 'settle', {hour}, '{{}}')"
+        )
+    };
+    on_each_backend(async |be| {
+        let b = be.open("UTC").await;
+        let mut tx = plan_tx(&b.db).await;
+        insert_minute_lines(&mut tx, 20_000).await;
+        let (sql, args) = span_busy_sql(h, h + 3 * 3600, h + 4 * 3600, 3600);
+        let plan = query_plan(&mut tx, &sql, args).await;
+        let searched = match b.db.backend() {
+            Backend::Sqlite => {
+                plan.contains("SEARCH ledger USING INDEX sqlite_autoindex_ledger_1 (transaction_id>? AND transaction_id<?)")
+                    && plan.contains("SEARCH ledger USING INDEX ledger_hour_legacy (hour_start>? AND hour_start<?)")
+            }
+            Backend::Postgres => {
+                plan.contains("using ledger_transaction_id_key on ledger") && plan.contains("using ledger_hour_legacy on ledger")
+            }
+        };
+        assert!(searched, "{}: the span check's plan\n{plan}", be.name);
+        assert!(
+            !plan.contains("SCAN ledger") && !plan.contains("Seq Scan on ledger"),
+            "{}\n{plan}",
+            be.name
+        );
+        tx.rollback().await.unwrap();
+
+        let current = metered_transaction_id(h + 3600, 7, "k", 0);
+        let older = format!("tx_{:0>24}", "legacy");
+        for (id, hour) in [(current.as_str(), h + 3600), (older.as_str(), h + 2 * 3600)] {
+            b.db.exec(sqlx::AssertSqlSafe(line(id, hour)), vec![]).await.unwrap();
+            assert!(
+                !record_empty_runs(&b.db, &b.zone, &runs).await.unwrap(),
+                "{}: {id} makes it busy",
+                be.name
+            );
+            b.db.exec(
+                sqlx::AssertSqlSafe(format!("DELETE FROM ledger WHERE transaction_id = '{id}'")),
+                vec![],
+            )
+            .await
+            .unwrap();
+        }
+        let runs_recorded = async || {
+            b.db.rows("SELECT COUNT(*) FROM job_runs WHERE job = 'settle'", vec![], &[Kind::Int])
+                .await
+                .unwrap()[0]
+                .int(0)
+        };
+        assert_eq!(runs_recorded().await, 0, "{}", be.name);
+        for (id, hour) in [
+            (metered_transaction_id(h - 3600, 7, "k", 0), h - 3600),
+            (metered_transaction_id(h + 4 * 3600, 7, "k", 0), h + 4 * 3600),
+        ] {
+            b.db.exec(sqlx::AssertSqlSafe(line(&id, hour)), vec![]).await.unwrap();
+        }
+        assert!(
+            record_empty_runs(&b.db, &b.zone, &runs).await.unwrap(),
+            "{}: quiet between its neighbours",
+            be.name
+        );
+        assert_eq!(runs_recorded().await, 4, "{}", be.name);
+        b.db.close().await;
+    })
+    .await;
+}
+
 /// The jobs' state reads (run before every step: several times for each run of a catch-up) find
 /// the last run done as the first entry of the index of runs done (migration 12), however long
 /// the history and whatever the statistics: before it, PostgreSQL read every run of the job on a

@@ -1040,6 +1040,32 @@ async fn settle_hour(
     post_drafts(drafts, context, books, run.at, &run.job, events).map_err(|e| anyhow!("hour {}: {e}", zone.format(hour)))
 }
 
+/// The statement that finds whether anything is to be settled in the hours `first..=last` (ending
+/// at `end`), with its arguments: one row if anything is, none if not. `span` is the longest usage
+/// segment. Each branch stops at its first row: a busy span (any catch-up of two runs or more at
+/// provider scale) is known at once, where counting read every running pay-per-use resource and,
+/// for lack of an index on `hour_start`, the whole ledger. Posted lines are looked up as
+/// [`hour_lines_sql`](super::ledger::hour_lines_sql) does: current metered ids lead with their
+/// hour, so the span's lines are one range of the unique id index (the row keeps the exact hour
+/// condition, as hours of a half-hour zone share their id prefix with a neighbour); older ids are
+/// in the partial index `ledger_hour_legacy`.
+pub fn span_busy_sql(first: i64, last: i64, end: i64, span: i64) -> (String, Vec<super::db::Val>) {
+    use crate::billing::settle::{metered_id_range, METERED_ID_LEN};
+    let (lo, _) = metered_id_range(first, None, None);
+    let (_, hi) = metered_id_range(last, None, None);
+    let sql = format!(
+        "SELECT CAST(1 AS BIGINT) WHERE EXISTS (SELECT 1 FROM resources WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL) AND created_at < $2 \
+         AND (ppu_from IS NULL OR ppu_from < $2) AND (deleted_at IS NULL OR deleted_at > $1) AND (released_at IS NULL OR released_at > $1)) \
+         OR EXISTS (SELECT 1 FROM usage_segments WHERE superseded = 0 AND from_at < $2 AND from_at >= $3 AND to_at > $1) \
+         OR EXISTS (SELECT 1 FROM usage_counts WHERE superseded = 0 AND at >= $1 AND at < $2) \
+         OR EXISTS (SELECT 1 FROM dirty_hours) \
+         OR EXISTS (SELECT 1 FROM ledger WHERE transaction_id >= $4 AND transaction_id < $5 \
+           AND length(transaction_id) = {METERED_ID_LEN} AND hour_start >= $1 AND hour_start < $2) \
+         OR EXISTS (SELECT 1 FROM ledger WHERE hour_start >= $1 AND hour_start < $2 AND length(transaction_id) <> {METERED_ID_LEN})"
+    );
+    (sql, vec![first.into(), end.into(), (first - span).into(), lo.into(), hi.into()])
+}
+
 /// Records a span of consecutive scheduled runs that have nothing to settle in one transaction:
 /// no pay-per-use resource or usage overlaps their hours, nothing is posted there and no hour
 /// awaits re-settlement. Each run still gets its own row. Returns false (and changes nothing) if
@@ -1053,19 +1079,9 @@ pub async fn record_empty_runs(db: &Db, zone: &BillingZone, runs: &[(i64, Vec<i6
     let mut tx = db.begin().await?;
     lock_horizon(&mut tx, true).await?;
     let span = super::world::segment_span(&mut tx).await?;
-    let busy = tx
-        .rows(
-            "SELECT (SELECT COUNT(*) FROM resources WHERE (mode = 'pay_per_use' OR ppu_from IS NOT NULL) AND created_at < $2 \
-             AND (ppu_from IS NULL OR ppu_from < $2) AND (deleted_at IS NULL OR deleted_at > $1) AND (released_at IS NULL OR released_at > $1)) \
-             + (SELECT COUNT(*) FROM usage_segments WHERE superseded = 0 AND from_at < $2 AND from_at >= $3 AND to_at > $1) \
-             + (SELECT COUNT(*) FROM usage_counts WHERE superseded = 0 AND at >= $1 AND at < $2) \
-             + (SELECT COUNT(*) FROM dirty_hours) + (SELECT COUNT(*) FROM ledger WHERE hour_start >= $1 AND hour_start < $2)",
-            vec![first.into(), end.into(), (first - span).into()],
-            &[Kind::Int],
-        )
-        .await?[0]
-        .int(0);
-    if busy > 0 {
+    let (sql, args) = span_busy_sql(first, last, end, span);
+    let busy = !tx.rows(sqlx::AssertSqlSafe(sql), args, &[Kind::Int]).await?.is_empty();
+    if busy {
         tx.rollback().await?;
         return Ok(false);
     }
