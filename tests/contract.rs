@@ -343,17 +343,10 @@ async fn ledger_migration_keeps_every_row() {
     on_each_backend(async |be| {
         let db = Db::connect(&be.url).await.unwrap();
         assert_eq!(migrate_to(&db, 6).await.unwrap(), 6);
-        let insert = |id: &str, key: &str, revision: i64| {
-            format!(
-                "INSERT INTO ledger (transaction_id, transaction_time, account_id, resource_id, product, plan_id, billing_mode, \
-                 transaction_type, billing_item, period_start, period_end, usage_seconds, quantity, unit_price, list_amount, \
-                 truncated_amount, amount_due, paid_amount, arrears_amount, balance_after, currency, hour_start, line_key, revision, \
-                 run_job, run_at, explain) VALUES ('{id}', 100, 'a', 'r', 'KooPhone', 'p', 'pay_per_use', 'usage', 'instance', \
-                 0, 3600, 3600, 1, 0.36, 0.36000000, 0.00000000, 0.36, 0.30, 0.06, -0.06, 'CNY', 0, '{key}', {revision}, 'settle', 100, '{{}}')"
-            )
-        };
         for (id, key, revision) in [("tx_a", "k1", 0), ("tx_b", "k1", 1), ("tx_x", "k9", 0), ("tx_c", "k2", 0)] {
-            db.exec(sqlx::AssertSqlSafe(insert(id, key, revision)), vec![]).await.unwrap();
+            db.exec(sqlx::AssertSqlSafe(hour_line_sql(id, key, revision, 0)), vec![])
+                .await
+                .unwrap();
         }
         // a gap in seq, as a rolled-back posting leaves
         db.exec("DELETE FROM ledger WHERE transaction_id = 'tx_x'", vec![]).await.unwrap();
@@ -381,9 +374,9 @@ async fn ledger_migration_keeps_every_row() {
         assert_eq!(before, after, "{}", be.name);
         assert!(after[2].contains("Int(Some(4))") && after[1].contains("-0.06"), "{after:?}");
         // the same (line_key, revision) under a new id is no longer refused by the pair...
-        db.exec(sqlx::AssertSqlSafe(insert("tx_d", "k2", 0)), vec![]).await.unwrap();
+        db.exec(sqlx::AssertSqlSafe(hour_line_sql("tx_d", "k2", 0, 0)), vec![]).await.unwrap();
         // ...and a second posting of a line (same pair, so the same hashed id) still is
-        assert!(db.exec(sqlx::AssertSqlSafe(insert("tx_c", "k2", 0)), vec![]).await.is_err(), "{}", be.name);
+        assert!(db.exec(sqlx::AssertSqlSafe(hour_line_sql("tx_c", "k2", 0, 0)), vec![]).await.is_err(), "{}", be.name);
         // seq goes on after the highest one kept
         let next = "INSERT INTO ledger (transaction_id, transaction_time, account_id, resource_id, product, plan_id, billing_mode, \
                     transaction_type, period_start, period_end, quantity, unit_price, list_amount, truncated_amount, amount_due, paid_amount, \
@@ -996,15 +989,7 @@ async fn a_quiet_span_is_checked_in_indexes_and_its_posted_lines_make_it_busy() 
     let h = t("2024-03-01T00:00:00Z");
     // four hourly runs, each settling the hour two hours before it
     let runs: Vec<(i64, Vec<i64>)> = (0..4).map(|i| (h + (i + 2) * 3600, vec![h + i * 3600])).collect();
-    let line = |id: &str, hour: i64| {
-        format!(
-            "INSERT INTO ledger (transaction_id, transaction_time, account_id, resource_id, product, plan_id, billing_mode, \
-             transaction_type, billing_item, period_start, period_end, usage_seconds, quantity, unit_price, list_amount, \
-             truncated_amount, amount_due, paid_amount, arrears_amount, balance_after, currency, hour_start, line_key, revision, \
-             run_job, run_at, explain) VALUES ('{id}', {hour}, 'a', 'r', 'KooPhone', 'p', 'pay_per_use', 'usage', 'instance', \
-             {hour}, {hour} + 3600, 3600, 1, 0.36, 0.36000000, 0.00000000, 0.36, 0.36, 0.00, 9.64, 'USD', {hour}, 'k{id}', 0, 'settle', {hour}, '{{}}')"
-        )
-    };
+    let line = |id: &str, hour: i64| hour_line_sql(id, &format!("k{id}"), 0, hour);
     on_each_backend(async |be| {
         let b = be.open("UTC").await;
         let mut tx = plan_tx(&b.db).await;
@@ -1265,6 +1250,19 @@ async fn insert_runs(tx: &mut billrun::store::db::Tx, job: &str, from: i64, n: i
     tx.insert_rows("job_runs", &["job", "scheduled_at", "outcome"], rows, "")
         .await
         .unwrap();
+}
+
+/// An INSERT of one usage line of billing hour `hour` straight into the ledger (0.36 for the hour,
+/// 0.06 of it in arrears), posted at the hour's start.
+fn hour_line_sql(id: &str, key: &str, revision: i64, hour: i64) -> String {
+    format!(
+        "INSERT INTO ledger (transaction_id, transaction_time, account_id, resource_id, product, plan_id, billing_mode, \
+         transaction_type, billing_item, period_start, period_end, usage_seconds, quantity, unit_price, list_amount, \
+         truncated_amount, amount_due, paid_amount, arrears_amount, balance_after, currency, hour_start, line_key, revision, \
+         run_job, run_at, explain) VALUES ('{id}', {hour}, 'a', 'r', 'KooPhone', 'p', 'pay_per_use', 'usage', 'instance', \
+         {hour}, {hour} + 3600, 3600, 1, 0.36, 0.36000000, 0.00000000, 0.36, 0.30, 0.06, -0.06, 'CNY', {hour}, '{key}', {revision}, \
+         'settle', {hour}, '{{}}')"
+    )
 }
 
 /// Writes `n` one-minute usage lines straight into the ledger: `tx_<i>` at 2024-01-01 + i minutes,
