@@ -1041,8 +1041,8 @@ async fn settle_hour(
 }
 
 /// The statement that finds whether anything is to be settled in the hours `first..=last` (ending
-/// at `end`), with its arguments: one row if anything is, none if not. `span` is the longest usage
-/// segment. Each branch stops at its first row: a busy span (any catch-up of two runs or more at
+/// at `end`), with its arguments: one row if anything is, none if not (a BIGINT: PostgreSQL's plain
+/// `1` is an `int4`, which [`Kind::Int`] does not read). `span` is the longest usage segment. Each branch stops at its first row: a busy span (any catch-up of two runs or more at
 /// provider scale) is known at once, where counting read every running pay-per-use resource and,
 /// for lack of an index on `hour_start`, the whole ledger. Posted lines are looked up as
 /// [`hour_lines_sql`](super::ledger::hour_lines_sql) does: current metered ids lead with their
