@@ -361,7 +361,9 @@ fn usage_explain(d: &DesiredUsage) -> serde_json::Value {
 /// Lines that bring what is posted for an hour to what the current data says: a `usage` line for a
 /// key never posted, an `adjustment` for the difference where it changed, nothing where it did not.
 pub fn reconcile(desired: &[DesiredUsage], posted: &HashMap<String, PostedUsage>) -> Vec<UsageDraft> {
-    let mut out = Vec::new();
+    // a first settlement drafts a line for each desired one: room for them at once, where growing
+    // the list copied it again and again into fresh memory
+    let mut out = Vec::with_capacity(desired.len());
     let mut seen = std::collections::HashSet::new();
     for d in desired {
         let key = d.line_key();
