@@ -273,7 +273,10 @@ async fn open(url: &str) -> Result<Billing> {
         ..Config::for_url(url)
     };
     if let Some(n) = std::env::var("BILLRUN_CHUNK_RESOURCES").ok().and_then(|v| v.parse().ok()) {
-        cfg.settle.chunk_resources = n;
+        cfg.settle.chunk_resources = Some(n);
+    }
+    if let Some(n) = std::env::var("BILLRUN_CHUNK_PARTS").ok().and_then(|v| v.parse().ok()) {
+        cfg.settle.chunk_parts = Some(n);
     }
     Billing::open(&cfg).await
 }

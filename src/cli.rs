@@ -28,13 +28,13 @@ pub struct Cli {
     /// Seconds a claim on a job run lasts without renewal; a dead runner's run is taken over after it
     #[arg(long, env = "BILLRUN_LEASE_SECONDS", global = true)]
     pub lease_seconds: Option<i64>,
-    /// Pay-per-use resources settled per chunk (a transaction and a claim replicas share out)
+    /// Pay-per-use resources settled per chunk (a transaction and a claim replicas share out) [default: 100000 on SQLite, 20000 on PostgreSQL]
     #[arg(long, env = "BILLRUN_CHUNK_RESOURCES", global = true)]
     pub chunk_resources: Option<i64>,
     /// Settle chunks (and daily run parts) one runner does at once on PostgreSQL, each on its own connection [default: 2]
     #[arg(long, env = "BILLRUN_CHUNK_WORKERS", global = true)]
     pub chunk_workers: Option<i64>,
-    /// Parts a settle chunk is computed in on SQLite, each posted while the next is computed (1: none) [default: 8]
+    /// Parts a settle chunk is computed in on SQLite, each posted while the next is computed (1: none) [default: one per 2500 resources of a chunk]
     #[arg(long, env = "BILLRUN_CHUNK_PARTS", global = true)]
     pub chunk_parts: Option<i64>,
     /// When the settle job runs: cron with seconds in the billing time zone [default: 0 0 * * * *]

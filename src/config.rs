@@ -107,21 +107,19 @@ impl Config {
         }
         let lease_seconds = flags.lease_seconds.or(file.lease_seconds).unwrap_or(DEFAULT_LEASE_SECONDS);
         within("--lease-seconds", lease_seconds, 2, 3600)?;
-        let chunk_resources = flags
-            .chunk_resources
-            .or(file.chunk_resources)
-            .unwrap_or(crate::store::settle::DEFAULT_CHUNK_RESOURCES as i64);
-        within("--chunk-resources", chunk_resources, 1, 10_000_000)?;
+        let chunk_resources = flags.chunk_resources.or(file.chunk_resources);
+        if let Some(n) = chunk_resources {
+            within("--chunk-resources", n, 1, 10_000_000)?;
+        }
         let chunk_workers = flags
             .chunk_workers
             .or(file.chunk_workers)
             .unwrap_or(crate::store::settle::DEFAULT_CHUNK_WORKERS as i64);
         within("--chunk-workers", chunk_workers, 1, 64)?;
-        let chunk_parts = flags
-            .chunk_parts
-            .or(file.chunk_parts)
-            .unwrap_or(crate::store::settle::DEFAULT_CHUNK_PARTS as i64);
-        within("--chunk-parts", chunk_parts, 1, 64)?;
+        let chunk_parts = flags.chunk_parts.or(file.chunk_parts);
+        if let Some(n) = chunk_parts {
+            within("--chunk-parts", n, 1, crate::store::settle::MAX_CHUNK_PARTS as i64)?;
+        }
         let cron = |flag: &str, value: Option<String>, default: fn() -> CronSchedule| match value {
             None => Ok(default()),
             Some(v) => CronSchedule::parse(&v).map_err(|e| InputError(format!("{flag}: {e}"))),
@@ -170,9 +168,9 @@ impl Config {
                 settle_cron,
                 daily_cron,
                 delay,
-                chunk_resources: chunk_resources as usize,
+                chunk_resources: chunk_resources.map(|n| n as usize),
                 chunk_workers: chunk_workers as usize,
-                chunk_parts: chunk_parts as usize,
+                chunk_parts: chunk_parts.map(|n| n as usize),
             },
             lease_seconds,
             sinks,

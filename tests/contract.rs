@@ -1358,7 +1358,7 @@ async fn chunks_start_at_every_nth_pay_per_use_resource_in_bucket_order() {
         for every in [1usize, 3, 4, 100] {
             let world = common::fresh(be.name).await;
             let mut b = world.open("UTC").await;
-            b.settle.chunk_resources = every;
+            b.settle.chunk_resources = Some(every);
             b.load_json("chunks.json", &doc).await.unwrap();
             b.tick(t("2023-04-18T02:00:00Z"), |_, _| {}).await.unwrap();
             // each chunk's row records its range [keys[k-1], keys[k]) when done
@@ -1396,7 +1396,7 @@ async fn a_run_planned_by_an_older_build_is_finished_as_planned() {
     on_each_backend(async |be| {
         // now: chunks of one resource, so three chunks by (bucket, account)
         let mut now = be.open("UTC").await;
-        now.settle.chunk_resources = 1;
+        now.settle.chunk_resources = Some(1);
         now.load_json("day.json", DAY).await.unwrap();
         now.tick(t("2023-04-18T04:00:00Z"), |_, _| {}).await.unwrap();
         let chunks = "SELECT job, detail FROM job_runs WHERE job LIKE 'settle#%' AND scheduled_at = $1 ORDER BY job";
@@ -1506,7 +1506,7 @@ async fn a_correction_finds_lines_at_every_bucket_edge_and_of_older_ids() {
     let correction = format!(r#"{{"usage": [{}]}}"#, usage("2024-02-01T10:59:59Z"));
     on_each_backend(async |be| {
         let mut b = be.open("UTC").await;
-        b.settle.chunk_resources = 1;
+        b.settle.chunk_resources = Some(1);
         b.load_json("drive.json", &world).await.unwrap();
         b.tick(t("2024-02-01T12:00:00Z"), |_, _| {}).await.unwrap();
         let first = rows(&csv(&b).await);

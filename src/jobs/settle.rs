@@ -17,13 +17,14 @@ pub struct Schedule {
     pub daily_cron: CronSchedule,
     /// Seconds after an hour ends before it is settled (default 3600: 08:00-09:00 at 10:00).
     pub delay: i64,
-    /// About this many pay-per-use resources are settled per chunk (one transaction, one claim).
-    pub chunk_resources: usize,
+    /// About this many pay-per-use resources are settled per chunk (one transaction, one claim;
+    /// None: 100,000 on SQLite, 20,000 on PostgreSQL).
+    pub chunk_resources: Option<usize>,
     /// Chunks settled at once on PostgreSQL (default 2; SQLite settles one at a time).
     pub chunk_workers: usize,
-    /// Parts a chunk is computed in on SQLite, each posted while the next is computed (default 8;
-    /// 1: the whole chunk is computed, then posted).
-    pub chunk_parts: usize,
+    /// Parts a chunk is computed in on SQLite, each posted while the next is computed (None: one
+    /// for every 2,500 resources of a chunk; 1: the whole chunk is computed, then posted).
+    pub chunk_parts: Option<usize>,
 }
 
 impl Default for Schedule {
@@ -32,9 +33,9 @@ impl Default for Schedule {
             settle_cron: CronSchedule::default_settle(),
             daily_cron: CronSchedule::default_daily(),
             delay: 3600,
-            chunk_resources: crate::store::settle::DEFAULT_CHUNK_RESOURCES,
+            chunk_resources: None,
             chunk_workers: crate::store::settle::DEFAULT_CHUNK_WORKERS,
-            chunk_parts: crate::store::settle::DEFAULT_CHUNK_PARTS,
+            chunk_parts: None,
         }
     }
 }

@@ -26,18 +26,29 @@ use std::collections::{BTreeMap, HashMap};
 /// Lines kept in an outcome for display (a settle --hour, the demo); the rest are only counted.
 pub const SHOWN_LINES: usize = 200;
 
-/// The default chunk: about this many pay-per-use resources per transaction.
+/// The default chunk on PostgreSQL: about this many pay-per-use resources per transaction (and
+/// per claim the replicas share out; two chunks are settled at once).
 pub const DEFAULT_CHUNK_RESOURCES: usize = 20_000;
+
+/// The default chunk on SQLite. One writer settles one chunk at a time there, computing each part
+/// while the part before is posted; between two chunks that overlap stops (the first part is
+/// computed with nothing to post, the last posted and committed with nothing to compute), so the
+/// fewer the chunks the longer both cores work. Measured on copies of one loaded 1M world
+/// (session 18, alternating): chunks of 20,000 in 8 parts 9.97-11.19 s, of 100,000 in 40 parts
+/// 8.09-9.04 s. A chunk's lines are not kept once posted (`Tally`), so its memory is its
+/// accounts' books and the parts on their way.
+pub const SQLITE_CHUNK_RESOURCES: usize = 100_000;
+
+/// Unless set, a SQLite chunk is computed in parts of about this many resources (20,000: 8
+/// parts, session 16's default; 100,000: 40).
+pub const RESOURCES_PER_PART: usize = 2_500;
 
 /// Chunks a runner settles at once on PostgreSQL: two keep both of a small server's cores busy
 /// (one chunk's client work beside another's writes); more only queue on two cores.
 pub const DEFAULT_CHUNK_WORKERS: usize = 2;
 
-/// The parts a chunk's accounts are computed in on SQLite, by ranges of buckets: each part's lines
-/// are posted while the next part is computed (see [`settle_chunk`]). With 8, the 1M hour took
-/// 10.5-12.2 s against 13.0-14.1 s computed whole (in memory: the chunk's lines posted so far and
-/// up to three parts on their way; 16 and 24 parts were no faster and used more memory).
-pub const DEFAULT_CHUNK_PARTS: usize = 8;
+/// The most parts a chunk is computed in.
+pub const MAX_CHUNK_PARTS: usize = 64;
 
 /// The job_state row holding the last hour any settle run has planned (loads mark hours up to it
 /// for re-settlement, since a run in progress may not see their data).
@@ -85,20 +96,39 @@ impl SettleOutcome {
         self.arrears_began.extend(o.arrears_began);
     }
 
-    /// One chunk's outcome (its lines counted, the first SHOWN_LINES kept).
+    /// One chunk's outcome.
     fn of_chunk(c: ChunkOutcome) -> SettleOutcome {
-        // into a buffer of their own: `into_iter().take(n).collect()` would reuse the chunk's
-        // whole buffer in place, and every chunk's 20,000 lines of space stayed allocated until
-        // the run ended (a 1M hour on SQLite peaked at 560-600 MiB instead of 125)
-        let mut shown = Vec::with_capacity(SHOWN_LINES.min(c.lines.len()));
-        shown.extend(c.lines.iter().take(SHOWN_LINES).cloned());
         SettleOutcome {
             chunks: 1,
-            lines: c.lines.len(),
-            amount_due: c.lines.iter().map(|l| l.amount_due).sum(),
-            shown,
+            lines: c.posted.lines,
+            amount_due: c.posted.amount_due,
+            shown: c.posted.shown,
             arrears_began: c.arrears_began,
             ..Default::default()
+        }
+    }
+}
+
+/// What a chunk posted, tallied part by part as it is posted: counted, summed, and the first
+/// SHOWN_LINES kept (copied into a buffer of their own). A chunk's lines themselves are not kept:
+/// they were, until its end, and a run kept every chunk's outcome until its own end (session 13:
+/// a 1M hour on SQLite peaked at 560-600 MiB instead of 125 when each outcome held on to its
+/// chunk's buffer), and bigger chunks (SQLite's default since session 18) would hold 100,000.
+#[derive(Clone, Debug, Default)]
+struct Tally {
+    lines: usize,
+    amount_due: Decimal,
+    shown: Vec<LedgerLine>,
+}
+
+impl Tally {
+    fn add(&mut self, lines: &[LedgerLine]) {
+        self.lines += lines.len();
+        self.amount_due += lines.iter().map(|l| l.amount_due).sum::<Decimal>();
+        let room = SHOWN_LINES.saturating_sub(self.shown.len()).min(lines.len());
+        if room > 0 {
+            self.shown.reserve_exact(room);
+            self.shown.extend(lines[..room].iter().cloned());
         }
     }
 }
@@ -123,6 +153,10 @@ pub struct SettlePlan {
     /// build refuses to continue one instead of reading its keys as account ids.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bounds: Option<Vec<String>>,
+    /// The pay-per-use resources the chunks were cut from (plans from before session 18: None),
+    /// which sizes the parts a chunk is computed in on SQLite.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<usize>,
 }
 
 /// A chunk boundary: an account's [`chunk_bucket`](crate::billing::settle::chunk_bucket) and id.
@@ -201,12 +235,40 @@ pub enum Progress {
 /// What the run needs besides its identity.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    pub chunk_resources: usize,
+    /// Pay-per-use resources a chunk (None: the backend's default).
+    pub chunk_resources: Option<usize>,
     pub lease_seconds: i64,
     /// Chunks settled at once on PostgreSQL (SQLite: one at a time).
     pub workers: usize,
-    /// Parts a chunk is computed in on SQLite while the part before is posted (1: none).
-    pub parts: usize,
+    /// Parts a chunk is computed in on SQLite while the part before is posted (1: none; None: one
+    /// for every RESOURCES_PER_PART resources of a chunk).
+    pub parts: Option<usize>,
+}
+
+impl Limits {
+    /// The chunk size a run planned on `backend` uses.
+    pub fn chunk_resources(&self, backend: Backend) -> usize {
+        self.chunk_resources.unwrap_or(match backend {
+            Backend::Sqlite => SQLITE_CHUNK_RESOURCES,
+            Backend::Postgres => DEFAULT_CHUNK_RESOURCES,
+        })
+    }
+
+    /// The parts each chunk of `plan` is computed in on SQLite: as set, or one for every
+    /// RESOURCES_PER_PART resources of an average chunk. A run of fewer resources than that (most
+    /// hours of a small provider) is computed whole, without a second connection and a task of
+    /// its own. A plan stored by a build before session 18 does not say how many resources it
+    /// holds: it is parted as that build parted it (a chunk of a multi-chunk run in 8).
+    fn parts(&self, plan: &SettlePlan) -> usize {
+        let chunks = plan.chunks();
+        let set = match (self.parts, plan.resources) {
+            (Some(p), _) if chunks > 1 || plan.resources.is_some() => p,
+            (_, Some(n)) => n.div_ceil(chunks).div_ceil(RESOURCES_PER_PART),
+            (_, None) if chunks > 1 => 8,
+            _ => 1,
+        };
+        set.clamp(1, MAX_CHUNK_PARTS)
+    }
 }
 
 /// Runs a settle run to its end: claims it (planning it if first), settles every chunk it can
@@ -219,7 +281,7 @@ pub async fn run(db: &Db, zone: &BillingZone, run: &SettleRun, limits: Limits) -
         ClaimResult::Claimed(c) => {
             // planning may wait for a load: keep the claim meanwhile
             let keeper = (db.backend() == Backend::Postgres).then(|| LeaseKeeper::start(db, &c, limits.lease_seconds));
-            let planned = prepare(db, zone, run, &c, limits.chunk_resources).await;
+            let planned = prepare(db, zone, run, &c, limits.chunk_resources(db.backend())).await;
             drop(keeper);
             match planned {
                 Ok(plan) => plan,
@@ -260,9 +322,7 @@ pub async fn run(db: &Db, zone: &BillingZone, run: &SettleRun, limits: Limits) -
         Backend::Postgres => limits.workers.max(1),
         Backend::Sqlite => 1,
     };
-    // parts pay off for full chunks; a run of fewer resources than one chunk (most hours of most
-    // providers) is computed whole, without a second connection and a task of its own
-    let parts = if plan.chunks() > 1 { limits.parts } else { 1 };
+    let parts = limits.parts(&plan);
     // a chunk released by a failed runner can be claimed again at once: look a few times
     for _ in 0..3 {
         let ends = runs::run_chunks(db, &run.job, run.at, plan.chunks(), workers, limits.lease_seconds, async |k, c| {
@@ -297,7 +357,7 @@ pub async fn run(db: &Db, zone: &BillingZone, run: &SettleRun, limits: Limits) -
 /// A dry run: the same plan and chunks, each in a transaction that is rolled back.
 async fn dry_run(db: &Db, zone: &BillingZone, run: &SettleRun, limits: Limits) -> Result<Progress> {
     let mut tx = db.begin().await?;
-    let plan = plan_of(&mut tx, run, limits.chunk_resources).await?;
+    let plan = plan_of(&mut tx, run, limits.chunk_resources(db.backend())).await?;
     tx.rollback().await?;
     let mut out = SettleOutcome {
         runs: 1,
@@ -330,7 +390,7 @@ async fn plan_of(tx: &mut Tx, run: &SettleRun, chunk_resources: usize) -> Result
     // every chunk_resources-th pay-per-use resource in (bucket, account) order starts a chunk
     let bucket = bucket_sql(tx.backend(), "account_id");
     let every = chunk_resources.max(1);
-    let mut keys: Vec<ChunkKey> = match tx.backend() {
+    let (mut keys, resources): (Vec<ChunkKey>, Option<usize>) = match tx.backend() {
         // SQLite walks the chunk index in its order and numbers the rows here: its window
         // function took 2 s over 1M resources, the walk 0.3 s
         Backend::Sqlite => {
@@ -347,12 +407,13 @@ async fn plan_of(tx: &mut Tx, run: &SettleRun, chunk_resources: usize) -> Result
                         keys.push((r.get(0)?, r.get(1)?));
                     }
                 }
-                Ok(keys)
+                Ok((keys, Some(n)))
             })
             .await?
         }
-        Backend::Postgres => tx
-            .rows(
+        // (the parts a chunk is computed in are SQLite's only)
+        Backend::Postgres => (
+            tx.rows(
                 sqlx::AssertSqlSafe(format!(
                     "SELECT b, account_id FROM (SELECT {bucket} AS b, account_id, ROW_NUMBER() OVER (ORDER BY {bucket}, account_id) AS rn \
                      FROM resources WHERE mode = 'pay_per_use' OR ppu_from IS NOT NULL) x WHERE rn % $1 = 0 ORDER BY b, account_id"
@@ -364,6 +425,8 @@ async fn plan_of(tx: &mut Tx, run: &SettleRun, chunk_resources: usize) -> Result
             .iter()
             .map(|r| (r.int(0), r.text(1)))
             .collect(),
+            None,
+        ),
     };
     keys.dedup();
     Ok(SettlePlan {
@@ -372,6 +435,7 @@ async fn plan_of(tx: &mut Tx, run: &SettleRun, chunk_resources: usize) -> Result
         dirty,
         keys: Some(keys),
         bounds: None,
+        resources,
     })
 }
 
@@ -487,7 +551,7 @@ async fn advance(tx: &mut Tx, job: &str, to: i64) -> Result<()> {
 /// What one chunk posted.
 #[derive(Clone, Debug, Default)]
 struct ChunkOutcome {
-    lines: Vec<LedgerLine>,
+    posted: Tally,
     arrears_began: Vec<String>,
 }
 
@@ -567,12 +631,14 @@ async fn settle_chunk(
     parts: usize,
 ) -> Result<ChunkOutcome> {
     let range = plan.range(k);
-    let mut lines: Vec<LedgerLine> = Vec::new();
+    let mut tally = Tally::default();
     let Some(claim) = claim.filter(|_| !run.dry_run) else {
         let mut tx = db.begin().await?;
+        let mut lines: Vec<LedgerLine> = Vec::new();
         let (cb, _) = compute_chunk(&mut tx, zone, run, plan, range, 1, Parts::Collect(&mut lines)).await?;
         tx.rollback().await?;
-        return Ok(ChunkOutcome::new(lines, &cb.events));
+        tally.add(&lines);
+        return Ok(ChunkOutcome::new(tally, &cb.events));
     };
     let mut tx = runs::begin_work(db, claim).await?;
     let started = std::time::Instant::now();
@@ -592,7 +658,7 @@ async fn settle_chunk(
                 let t = std::time::Instant::now();
                 ledger::post_lines(&mut tx, &part).await?;
                 post += t.elapsed();
-                lines.extend(part);
+                tally.add(&part);
             }
             anyhow::Ok(())
         }
@@ -603,10 +669,12 @@ async fn settle_chunk(
         posting?;
         computing.map_err(|e| anyhow!("the chunk's computation did not finish: {e}"))??
     } else {
+        let mut lines: Vec<LedgerLine> = Vec::new();
         let out = compute_chunk(&mut tx, zone, run, plan, range, 1, Parts::Collect(&mut lines)).await?;
         let t = std::time::Instant::now();
         ledger::post_lines(&mut tx, &lines).await?;
         post = t.elapsed();
+        tally.add(&lines);
         out
     };
     let posted = started.elapsed();
@@ -621,8 +689,7 @@ async fn settle_chunk(
     )
     .await?;
     record_arrears_events(&mut tx, &cb.events).await?;
-    let amount: Decimal = lines.iter().map(|l| l.amount_due).sum();
-    runs::finish(&mut tx, claim, lines.len(), amount, range.to_json()).await?;
+    runs::finish(&mut tx, claim, tally.lines, tally.amount_due, range.to_json()).await?;
     let saved = started.elapsed();
     tx.commit().await?;
     let ms = |d: std::time::Duration| d.as_millis() as u64;
@@ -630,7 +697,7 @@ async fn settle_chunk(
         job = %run.job,
         chunk = k + 1,
         of = plan.chunks(),
-        lines = lines.len(),
+        lines = tally.lines,
         overlapped,
         parts = computed.parts,
         read_ms = ms(computed.read),
@@ -642,11 +709,11 @@ async fn settle_chunk(
         commit_ms = ms(started.elapsed() - saved),
         "settled a chunk"
     );
-    Ok(ChunkOutcome::new(lines, &cb.events))
+    Ok(ChunkOutcome::new(tally, &cb.events))
 }
 
 impl ChunkOutcome {
-    fn new(lines: Vec<LedgerLine>, events: &[ArrearsEvent]) -> ChunkOutcome {
+    fn new(posted: Tally, events: &[ArrearsEvent]) -> ChunkOutcome {
         ChunkOutcome {
             arrears_began: events
                 .iter()
@@ -655,7 +722,7 @@ impl ChunkOutcome {
                     ArrearsEvent::Cleared { .. } => None,
                 })
                 .collect(),
-            lines,
+            posted,
         }
     }
 }
@@ -1157,12 +1224,18 @@ mod tests {
     }
 
     /// A run keeps every chunk's outcome until it ends, so an outcome must not hold on to the
-    /// chunk's lines: only SHOWN_LINES of them, in a buffer of that size.
+    /// chunk's lines: only SHOWN_LINES of them, in a buffer of that size, however the chunk's
+    /// parts were cut.
     #[test]
     fn a_chunk_outcome_keeps_only_the_lines_it_shows() {
         let n = 5_000;
+        let all: Vec<LedgerLine> = (0..n).map(line).collect();
+        let mut posted = Tally::default();
+        for part in [&all[..150], &all[150..151], &all[151..2_000], &all[2_000..]] {
+            posted.add(part);
+        }
         let one = SettleOutcome::of_chunk(ChunkOutcome {
-            lines: (0..n).map(line).collect(),
+            posted,
             arrears_began: vec![],
         });
         assert_eq!(one.lines, n);
@@ -1170,6 +1243,53 @@ mod tests {
         assert_eq!(one.shown.len(), SHOWN_LINES);
         assert_eq!(one.shown[SHOWN_LINES - 1].transaction_id, format!("T{:08}", SHOWN_LINES - 1));
         assert!(one.shown.capacity() <= SHOWN_LINES, "kept room for {} lines", one.shown.capacity());
+    }
+
+    /// Unless set, a chunk on SQLite is computed in a part for every RESOURCES_PER_PART resources
+    /// of an average chunk of its run, at most MAX_CHUNK_PARTS; a run of RESOURCES_PER_PART or
+    /// fewer is computed whole; a plan stored before session 18 (no count) is parted as that
+    /// build parted it; a set number is used as it is.
+    #[test]
+    fn parts_follow_the_size_of_a_chunk() {
+        let plan = |chunks: usize, resources: Option<usize>| SettlePlan {
+            keys: Some((1..chunks).map(|b| (b as i64, String::new())).collect()),
+            resources,
+            ..Default::default()
+        };
+        let limits = |parts: Option<usize>| Limits {
+            chunk_resources: None,
+            lease_seconds: 60,
+            workers: 2,
+            parts,
+        };
+        assert_eq!(limits(None).chunk_resources(Backend::Sqlite), 100_000);
+        assert_eq!(limits(None).chunk_resources(Backend::Postgres), 20_000);
+        for (chunks, resources, parts) in [
+            (10, Some(1_000_000), 40),
+            (1, Some(100_000), 40),
+            (51, Some(1_000_000), 8),
+            (1, Some(2_500), 1),
+            (1, Some(2_501), 2),
+            (1, Some(0), 1),
+            (1, Some(10_000_000), 64),
+            (4, None, 8),
+            (1, None, 1),
+        ] {
+            assert_eq!(
+                limits(None).parts(&plan(chunks, resources)),
+                parts,
+                "{chunks} chunks of {resources:?}"
+            );
+        }
+        assert_eq!(limits(Some(3)).parts(&plan(1, Some(100))), 3);
+        assert_eq!(limits(Some(3)).parts(&plan(4, None)), 3);
+        assert_eq!(limits(Some(3)).parts(&plan(1, None)), 1);
+        // an older build's stored plan reads, and an older build reads this one (unknown fields
+        // are ignored)
+        let old: SettlePlan = serde_json::from_str(r#"{"hours":[3600],"run_hours":[3600],"dirty":[],"keys":[]}"#).unwrap();
+        assert_eq!(old.resources, None);
+        let new = serde_json::to_value(plan(1, Some(7))).unwrap();
+        assert_eq!(new["resources"], 7);
     }
 
     /// A chunk's parts hold each of its (bucket, account) keys exactly once, in order, and no key
