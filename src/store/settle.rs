@@ -34,8 +34,8 @@ pub const DEFAULT_CHUNK_RESOURCES: usize = 20_000;
 /// while the part before is posted; between two chunks that overlap stops (the first part is
 /// computed with nothing to post, the last posted and committed with nothing to compute), so the
 /// fewer the chunks the longer both cores work. Measured on copies of one loaded 1M world
-/// (session 18, alternating): chunks of 20,000 in 8 parts 9.97-11.19 s, of 100,000 in 40 parts
-/// 8.09-9.04 s. A chunk's lines are not kept once posted (`Tally`), so its memory is its
+/// (session 18, five alternating pairs): chunks of 20,000 in 8 parts 8.6-11.4 s, of 100,000 in 40
+/// parts 7.45-9.53 s. A chunk's lines are not kept once posted (`Tally`), so its memory is its
 /// accounts' books and the parts on their way.
 pub const SQLITE_CHUNK_RESOURCES: usize = 100_000;
 
@@ -262,10 +262,11 @@ impl Limits {
     fn parts(&self, plan: &SettlePlan) -> usize {
         let chunks = plan.chunks();
         let set = match (self.parts, plan.resources) {
-            (Some(p), _) if chunks > 1 || plan.resources.is_some() => p,
-            (_, Some(n)) => n.div_ceil(chunks).div_ceil(RESOURCES_PER_PART),
-            (_, None) if chunks > 1 => 8,
-            _ => 1,
+            // an older build computed a run of one chunk whole, and parted others in 8 by default
+            (_, None) if chunks == 1 => 1,
+            (None, None) => 8,
+            (Some(p), _) => p,
+            (None, Some(n)) => n.div_ceil(chunks).div_ceil(RESOURCES_PER_PART),
         };
         set.clamp(1, MAX_CHUNK_PARTS)
     }
